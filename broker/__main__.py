@@ -1,0 +1,79 @@
+"""``python -m broker``: serve, or the admin commands ``hash-key`` and ``check-config``."""
+
+import asyncio
+import getpass
+import os
+import sys
+
+from hypercorn.asyncio import serve
+from hypercorn.config import Config
+
+from broker.app import create_app
+from broker.config import ConfigError, load_file
+from broker.keys import hash_form
+from broker.settings import Settings, parse_cli, resolve
+
+# hypercorn closes a connection after 1000 requests by default (GOAWAY): fatal for a tunnel.
+KEEP_ALIVE_MAX_REQUESTS = 2**31
+BACKLOG = 1024
+
+
+def hypercorn_config(settings: Settings) -> Config:
+    config = Config()
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    config.bind = [f"{host}:{settings.port}"]
+    if settings.certfile and settings.keyfile:
+        config.certfile = settings.certfile
+        config.keyfile = settings.keyfile
+    config.keep_alive_max_requests = KEEP_ALIVE_MAX_REQUESTS
+    config.backlog = BACKLOG
+    config.include_server_header = False
+    config.accesslog = None
+    return config
+
+
+def _hash_key(args: list[str]) -> int:
+    if args:
+        secret = args[0]
+    elif sys.stdin.isatty():
+        secret = getpass.getpass("key or token: ")
+    else:
+        secret = sys.stdin.readline().strip()
+    if not secret:
+        print("hash-key: nothing to hash", file=sys.stderr)
+        return 2
+    print(hash_form(secret))
+    return 0
+
+
+def _check_config(args: list[str]) -> int:
+    if len(args) != 1:
+        print("usage: python -m broker check-config FILE", file=sys.stderr)
+        return 2
+    try:
+        config = load_file(args[0])
+    except ConfigError as exc:
+        print(f"invalid: {exc}", file=sys.stderr)
+        return 1
+    print(f"ok: {len(config.connectors)} connector(s), {len(config.user_key_digests)} user key(s)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["hash-key"]:
+        return _hash_key(argv[1:])
+    if argv[:1] == ["check-config"]:
+        return _check_config(argv[1:])
+    args = parse_cli(argv)
+    try:
+        settings = resolve(args, os.environ)
+    except ConfigError as exc:
+        print(f"python -m broker: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(serve(create_app(settings), hypercorn_config(settings)))  # type: ignore[arg-type]
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

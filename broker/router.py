@@ -1,0 +1,94 @@
+"""ModelRouter: which live connector serves a model, right now.
+
+Pure bookkeeping with no I/O, so it is unit-tested on its own. A model is *known*
+once any connector's allowlist names it or any connector has served it; that is what
+separates "no such model" (404) from "no connector for it at the moment" (503).
+"""
+
+from typing import Generic, NamedTuple, Protocol, TypeVar
+
+
+class Endpoint(Protocol):
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def max_concurrent(self) -> int: ...
+    @property
+    def llm_api_key(self) -> str | None: ...
+
+
+E = TypeVar("E", bound=Endpoint)
+
+
+class RouteError(Exception):
+    status = 500
+    code = "internal_error"
+
+
+class ModelNotFound(RouteError):
+    status = 404
+    code = "model_not_found"
+
+
+class ModelUnavailable(RouteError):
+    status = 503
+    code = "model_unavailable"
+
+
+class AtCapacity(RouteError):
+    status = 429
+    code = "capacity_exceeded"
+
+
+class Route(NamedTuple, Generic[E]):
+    connector: E
+    llm_api_key: str | None
+
+
+class ModelRouter(Generic[E]):
+    def __init__(self, configured_models: frozenset[str] = frozenset()) -> None:
+        self._known: set[str] = set(configured_models)
+        self._serving: dict[str, list[E]] = {}
+        self._models_of: dict[E, frozenset[str]] = {}
+
+    def set_models(self, connector: E, models: frozenset[str]) -> None:
+        """Register a connector, or replace the models it serves."""
+        self.remove(connector)
+        self._models_of[connector] = models
+        self._known.update(models)
+        for model in models:
+            self._serving.setdefault(model, []).append(connector)
+
+    def remove(self, connector: E) -> None:
+        for model in self._models_of.pop(connector, ()):
+            serving = self._serving[model]
+            serving.remove(connector)
+            if not serving:
+                del self._serving[model]
+
+    def models(self) -> list[str]:
+        """Every model with at least one live connector."""
+        return sorted(self._serving)
+
+    def connectors(self) -> list[E]:
+        return list(self._models_of)
+
+    def models_of(self, connector: E) -> frozenset[str]:
+        return self._models_of.get(connector, frozenset())
+
+    def get_route(self, model: str) -> Route[E]:
+        """The least busy live connector for the model that still has a free slot."""
+        serving = self._serving.get(model)
+        if not serving:
+            raise (ModelUnavailable if model in self._known else ModelNotFound)(model)
+        best = min(serving, key=_load)
+        if best.in_flight >= best.max_concurrent:
+            raise AtCapacity(model)
+        if len(serving) > 1:  # ties go round-robin: the chosen one moves to the back
+            serving.remove(best)
+            serving.append(best)
+        return Route(best, best.llm_api_key)
+
+
+def _load(connector: Endpoint) -> float:
+    return connector.in_flight / connector.max_concurrent

@@ -1,0 +1,123 @@
+"""Broker settings: CLI flags win over environment variables, which win over the YAML file.
+
+``python -m broker`` passes its parsed flags; ``broker.app:app`` under plain hypercorn
+has only the environment (and the YAML file it names).
+"""
+
+import argparse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from argparse_dataclass import ArgumentParser
+
+from broker.config import ConfigError, ConnectorSpec, load_file
+from broker.keys import parse_secret
+
+LogFormat = Literal["plain", "json"]
+
+
+@dataclass
+class BrokerArgs:
+    """The CLI of ``python -m broker``; None means "not given here"."""
+
+    host: str | None = field(default=None, metadata={"type": str, "help": "bind address (127.0.0.1)"})
+    port: int | None = field(default=None, metadata={"type": int, "help": "bind port (8443)"})
+    certfile: str | None = field(default=None, metadata={"type": str, "help": "TLS certificate (PEM)"})
+    keyfile: str | None = field(default=None, metadata={"type": str, "help": "TLS private key (PEM)"})
+    user_api_key: list[str] | None = field(
+        default=None, metadata={"type": str, "help": "a user key (repeatable)", "metavar": "KEY"}
+    )
+    connector_config: str | None = field(
+        default=None, metadata={"type": str, "help": "connectors.yaml", "metavar": "FILE"}
+    )
+    first_byte_timeout: float | None = field(
+        default=None, metadata={"type": float, "help": "seconds to wait for the LLM's response head"}
+    )
+    idle_timeout: float | None = field(
+        default=None, metadata={"type": float, "help": "seconds allowed between two chunks"}
+    )
+    log_format: str | None = field(
+        default=None, metadata={"type": str, "choices": ["plain", "json"], "help": "request log format"}
+    )
+
+
+_REPEATABLE = ("user_api_key",)
+
+
+def parse_cli(argv: list[str], prog: str = "python -m broker") -> BrokerArgs:
+    parser = ArgumentParser(BrokerArgs, prog=prog)
+    for action in parser._actions:
+        if action.dest in _REPEATABLE:  # argparse-dataclass has no "append" action
+            action.__class__ = argparse._AppendAction
+            action.default = None
+    args: BrokerArgs = parser.parse_args(argv)
+    return args
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8443
+    certfile: str | None = None
+    keyfile: str | None = None
+    user_key_digests: tuple[bytes, ...] = ()
+    connectors: tuple[ConnectorSpec, ...] = ()
+    first_byte_timeout: float = 300.0
+    idle_timeout: float = 300.0
+    log_format: LogFormat = "plain"
+    max_body_size: int = 16 * 1024 * 1024
+    queue_timeout: float = 2.0  # how long a request may wait for a free slot before 429
+    ping_interval: float = 15.0
+
+
+_ENV = {
+    "host": "REMOTELLM_HOST",
+    "port": "REMOTELLM_PORT",
+    "certfile": "REMOTELLM_CERTFILE",
+    "keyfile": "REMOTELLM_KEYFILE",
+    "first_byte_timeout": "REMOTELLM_FIRST_BYTE_TIMEOUT",
+    "idle_timeout": "REMOTELLM_IDLE_TIMEOUT",
+    "log_format": "REMOTELLM_LOG_FORMAT",
+}
+_CONVERT: dict[str, Any] = {"port": int, "first_byte_timeout": float, "idle_timeout": float}
+
+
+def resolve(args: BrokerArgs | None, env: Mapping[str, str]) -> Settings:
+    """Merge the three layers; raises ConfigError naming the offending source."""
+    args = args or BrokerArgs()
+    config_path = args.connector_config or env.get("REMOTELLM_CONNECTOR_CONFIG")
+    file = load_file(config_path) if config_path else None
+    values: dict[str, Any] = dict(file.settings) if file else {}
+    for name, var in _ENV.items():
+        if env.get(var):
+            values[name] = env[var]
+    for name in _ENV:
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    for name, convert in _CONVERT.items():
+        if name in values:
+            try:
+                values[name] = convert(values[name])
+            except (TypeError, ValueError):
+                raise ConfigError(f"{name}: not a number: {values[name]!r}") from None
+            if values[name] <= 0 or (name == "port" and values[name] > 65535):
+                raise ConfigError(f"{name}: out of range: {values[name]!r}")
+    if values.get("log_format", "plain") not in ("plain", "json"):
+        raise ConfigError(f"log_format must be plain or json, not {values['log_format']!r}")
+    if bool(values.get("certfile")) != bool(values.get("keyfile")):
+        raise ConfigError("certfile and keyfile go together")
+
+    plain_keys = list(args.user_api_key or [])
+    plain_keys += [k.strip() for k in env.get("REMOTELLM_USER_API_KEYS", "").split(",") if k.strip()]
+    try:
+        digests = tuple(parse_secret(k) for k in plain_keys)
+    except ValueError as exc:
+        raise ConfigError(f"user API key: {exc}") from None
+    if file:
+        digests += file.user_key_digests
+    return Settings(
+        **values,
+        user_key_digests=tuple(dict.fromkeys(digests)),
+        connectors=file.connectors if file else (),
+    )

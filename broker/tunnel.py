@@ -1,0 +1,133 @@
+"""A connector's session on the broker: its outbound frames and its requests in flight.
+
+The poll endpoint drains ``Session.outbox``; reply endpoints feed ``Session.deliver``;
+the relay waits on each ``Exchange``'s event queue. All three meet only here.
+"""
+
+import asyncio
+import contextlib
+import itertools
+import secrets
+import time
+from typing import Literal
+
+from broker.config import ConnectorSpec
+from wire import Cancel, Chunk, End, Frame, Head, Hello, Ping, Request
+from wire.frames import Headers
+
+_request_ids = itertools.count(1)
+
+Interruption = Literal["connector_lost", "user_gone"]
+
+
+class Interrupt:
+    """Queued into an exchange when something outside its reply ends it."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: Interruption) -> None:
+        self.reason = reason
+
+
+ReplyEvent = Head | Chunk | End | Interrupt
+
+
+class Exchange:
+    """One request in flight on one connector."""
+
+    __slots__ = ("events", "id", "session")
+
+    def __init__(self, session: "Session") -> None:
+        self.id = next(_request_ids)
+        self.session = session
+        self.events: asyncio.Queue[ReplyEvent] = asyncio.Queue()
+
+
+class Session:
+    """A registered connector instance. Lives from register until its poll is lost."""
+
+    def __init__(self, spec: ConnectorSpec, hello: Hello, remote: str) -> None:
+        self.id = secrets.token_urlsafe(18)
+        self.spec = spec
+        self.hello = hello
+        self.remote = remote
+        self.protocol = "?"
+        self.connected_at = time.time()
+        self.in_flight = 0
+        self.exchanges: dict[int, Exchange] = {}
+        self.poll_generation = 0
+        self.closed = False
+        self._outbox: list[Frame] = []
+        self._wake = asyncio.Event()
+
+    # Endpoint protocol of the router
+    @property
+    def max_concurrent(self) -> int:
+        return self.spec.max_concurrent
+
+    @property
+    def llm_api_key(self) -> str | None:
+        return self.spec.llm_api_key
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def send(self, frame: Frame) -> None:
+        self._outbox.append(frame)
+        self._wake.set()
+
+    def attach_poll(self) -> int:
+        """A new poll takes over; the previous one (if any) ends after its current write."""
+        self.poll_generation += 1
+        self._wake.set()
+        return self.poll_generation
+
+    async def next_frames(self, generation: int, timeout: float) -> list[Frame] | None:
+        """Frames for the poll of this generation: [] after ``timeout``, None once it is over."""
+        if not self._outbox and not self.closed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+        if self.closed or generation != self.poll_generation:
+            return None
+        self._wake.clear()
+        frames, self._outbox = self._outbox, []
+        return frames or [Ping(time.time())]
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def open(self, method: str, path: str, query: str, headers: Headers, body: bytes) -> Exchange:
+        """Send a request to the connector, with this connector's LLM key."""
+        exchange = Exchange(self)
+        self.exchanges[exchange.id] = exchange
+        self.in_flight += 1
+        self.send(Request(exchange.id, method, path, query, headers, body, self.spec.llm_api_key))
+        return exchange
+
+    def finish(self, exchange: Exchange, *, cancel: bool) -> None:
+        if self.exchanges.pop(exchange.id, None) is None:
+            return
+        self.in_flight -= 1
+        if cancel and not self.closed:
+            self.send(Cancel(exchange.id))
+
+    def deliver(self, frame: Head | Chunk | End) -> bool:
+        """Route a reply frame to its exchange; False if it is not one of ours (any more)."""
+        exchange = self.exchanges.get(frame.id)
+        if exchange is None:
+            return False
+        exchange.events.put_nowait(frame)
+        return True
+
+    def interrupt(self, request_id: int, reason: Interruption) -> None:
+        exchange = self.exchanges.get(request_id)
+        if exchange is not None:
+            exchange.events.put_nowait(Interrupt(reason))
+
+    def close(self) -> None:
+        """The connector is gone: every request in flight fails now."""
+        self.closed = True
+        self._wake.set()
+        for request_id in list(self.exchanges):
+            self.interrupt(request_id, "connector_lost")

@@ -1,0 +1,137 @@
+"""The connector-facing endpoints: register, poll (frames out), reply (frames in)."""
+
+import asyncio
+import logging
+
+from broker.asgi import ClientGone, Receive, Scope, Send, header, read_body
+from broker.errors import send_error
+from broker.hub import Hub, Refused
+from broker.tunnel import Session
+from wire import (
+    FRAMES_CONTENT_TYPE,
+    MAX_FRAME_SIZE,
+    SESSION_HEADER,
+    Chunk,
+    End,
+    Frame,
+    FrameDecoder,
+    FrameError,
+    Head,
+    Hello,
+    Ping,
+    Welcome,
+    encode,
+    encode_many,
+)
+
+log = logging.getLogger("remotellm.tunnel")
+_FRAMES_HEADERS = [
+    (b"content-type", FRAMES_CONTENT_TYPE.encode()),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+_HELLO_LIMIT = 1024 * 1024
+
+
+def _remote(scope: Scope) -> str:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else "?"
+
+
+async def _refuse_token(send: Send, scope: Scope) -> None:
+    log.warning("tunnel request with a bad token or session from %s", _remote(scope))
+    await send_error(send, 401, "invalid_token", "Unknown connector token or session.")
+
+
+async def register(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
+    spec = hub.connector_spec(header(scope, b"authorization"))
+    if spec is None:
+        await _refuse_token(send, scope)
+        return
+    try:
+        body = await read_body(receive, _HELLO_LIMIT)
+        frames = FrameDecoder().feed(body or b"")
+    except (ClientGone, FrameError):
+        frames = []
+    if len(frames) != 1 or not isinstance(frames[0], Hello):
+        await send_error(send, 400, "invalid_request", "The body must be exactly one Hello frame.")
+        return
+    try:
+        session = hub.register(spec, frames[0], _remote(scope))
+    except Refused as exc:
+        log.warning("connector %s refused: %s", spec.name, exc)
+        await send_error(send, exc.status, exc.code, str(exc))
+        return
+    body = encode(Welcome(session.id, hub.settings.ping_interval))
+    await send({"type": "http.response.start", "status": 200, "headers": _FRAMES_HEADERS})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def poll(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
+    session = hub.session_for(header(scope, b"authorization"), header(scope, SESSION_HEADER.encode()))
+    if session is None:
+        await _refuse_token(send, scope)
+        return
+    generation = hub.poll_attached(session, "h2" if scope.get("http_version") == "2" else "http/1.1")
+    await send({"type": "http.response.start", "status": 200, "headers": _FRAMES_HEADERS})
+    lost = asyncio.Event()
+    watcher = asyncio.ensure_future(_watch(receive, session, lost))
+    # A first frame at once: some proxies hold the response head until body bytes flow.
+    frames: list[Frame] | None = [Ping(0.0)]
+    try:
+        while frames is not None:
+            await send({"type": "http.response.body", "body": encode_many(frames), "more_body": True})
+            if lost.is_set():
+                break
+            frames = await session.next_frames(generation, hub.settings.ping_interval)
+    finally:
+        watcher.cancel()
+    if lost.is_set():
+        if generation == session.poll_generation:
+            hub.drop(session, "tunnel lost")
+    else:
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _watch(receive: Receive, session: Session, lost: asyncio.Event) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    lost.set()
+    session.wake()
+
+
+async def reply(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
+    """One streamed body of reply frames; each goes to its exchange as it arrives."""
+    session = hub.session_for(header(scope, b"authorization"), header(scope, SESSION_HEADER.encode()))
+    if session is None:
+        await _refuse_token(send, scope)
+        return
+    decoder = FrameDecoder(MAX_FRAME_SIZE)
+    unfinished: set[int] = set()
+    status = 204
+    try:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                status = 0
+                break
+            for frame in decoder.feed(message.get("body", b"")):
+                if not isinstance(frame, (Head, Chunk, End)):
+                    raise FrameError(f"unexpected {type(frame).__name__} frame in a reply")
+                if session.deliver(frame):
+                    if isinstance(frame, End):
+                        unfinished.discard(frame.id)
+                    else:
+                        unfinished.add(frame.id)
+            if not message.get("more_body", False):
+                break
+    except FrameError as exc:
+        log.warning("connector %s sent a bad reply: %s", session.name, exc)
+        status = 400
+    for request_id in unfinished:
+        session.interrupt(request_id, "connector_lost")
+    if status == 400:
+        await send_error(send, 400, "invalid_frames", "The reply body is not a valid frame stream.")
+    elif status:
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})

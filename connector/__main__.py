@@ -1,0 +1,48 @@
+"""``python -m connector``: dial out to the broker and serve the local LLM through it."""
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from connector.health import serve_health
+from connector.llm import LLMClient
+from connector.settings import SettingsError, parse_cli, resolve
+from connector.tunnel import Status, Tunnel
+
+log = logging.getLogger("remotellm.connector")
+
+
+async def run(argv: list[str]) -> int:
+    try:
+        settings = resolve(parse_cli(argv), os.environ)
+    except SettingsError as exc:
+        print(f"python -m connector: {exc}", file=sys.stderr)
+        return 2
+    status = Status(models=list(settings.models))
+    llm = LLMClient(settings.llm_url)
+    health = await serve_health(settings.health_port, status, settings.broker_url) if settings.health_port else None
+    main = asyncio.create_task(Tunnel(settings, llm, status).run())
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, main.cancel)
+    try:
+        await main
+    except asyncio.CancelledError:
+        log.info("connector stopping")
+    finally:
+        if health is not None:
+            health.close()
+        await llm.aclose()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    return asyncio.run(run(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Connector settings: CLI flags win over environment variables."""
+
+import argparse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from argparse_dataclass import ArgumentParser
+
+
+class SettingsError(ValueError):
+    pass
+
+
+@dataclass
+class ConnectorArgs:
+    """The CLI of ``python -m connector``; None means "not given here"."""
+
+    broker_url: str | None = field(default=None, metadata={"type": str, "metavar": "URL", "help": "the broker"})
+    token: str | None = field(default=None, metadata={"type": str, "help": "this connector's token"})
+    llm_url: str | None = field(
+        default=None, metadata={"type": str, "metavar": "URL", "help": "base URL of the local LLM server"}
+    )
+    model: list[str] | None = field(
+        default=None, metadata={"type": str, "metavar": "M", "help": "a model served (repeatable)"}
+    )
+    health_port: int | None = field(default=None, metadata={"type": int, "help": "local health port (0: off)"})
+    proxy: str | None = field(default=None, metadata={"type": str, "metavar": "URL", "help": "outbound proxy"})
+    ca_certs: str | None = field(
+        default=None, metadata={"type": str, "metavar": "FILE", "help": "extra CA bundle for the broker"}
+    )
+
+
+def parse_cli(argv: list[str], prog: str = "python -m connector") -> ConnectorArgs:
+    parser = ArgumentParser(ConnectorArgs, prog=prog)
+    for action in parser._actions:
+        if action.dest == "model":  # argparse-dataclass has no "append" action
+            action.__class__ = argparse._AppendAction
+            action.default = None
+    args: ConnectorArgs = parser.parse_args(argv)
+    return args
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker_url: str
+    token: str
+    llm_url: str
+    models: tuple[str, ...] = ()  # empty: the broker lists the LLM's models through the tunnel
+    health_port: int = 0
+    proxy: str | None = None
+    ca_certs: str | None = None
+
+    def __repr__(self) -> str:  # the token must not reach a log or a traceback
+        return f"Settings(broker_url={self.broker_url!r}, llm_url={self.llm_url!r}, models={self.models!r})"
+
+
+def resolve(args: ConnectorArgs | None, env: Mapping[str, str]) -> Settings:
+    args = args or ConnectorArgs()
+
+    def pick(value: str | None, var: str, what: str) -> str:
+        chosen = value or env.get(var)
+        if not chosen:
+            raise SettingsError(f"{what} is required (or set {var})")
+        return chosen
+
+    broker_url = pick(args.broker_url, "REMOTELLM_BROKER_URL", "--broker-url").rstrip("/")
+    llm_url = pick(args.llm_url, "REMOTELLM_LLM_URL", "--llm-url").rstrip("/")
+    for name, url in (("--broker-url", broker_url), ("--llm-url", llm_url)):
+        if not url.startswith(("http://", "https://")):
+            raise SettingsError(f"{name} must start with http:// or https://")
+    models = args.model or [m.strip() for m in env.get("REMOTELLM_MODELS", "").split(",") if m.strip()]
+    port = args.health_port
+    if port is None:
+        try:
+            port = int(env.get("REMOTELLM_HEALTH_PORT") or 0)
+        except ValueError:
+            raise SettingsError("REMOTELLM_HEALTH_PORT must be a port number") from None
+    if not 0 <= port <= 65535:
+        raise SettingsError("--health-port must be a port number")
+    return Settings(
+        broker_url=broker_url,
+        token=pick(args.token, "REMOTELLM_CONNECTOR_TOKEN", "--token"),
+        llm_url=llm_url,
+        models=tuple(dict.fromkeys(models)),
+        health_port=port,
+        proxy=args.proxy,
+        ca_certs=args.ca_certs or env.get("REMOTELLM_CA_CERTS") or None,
+    )

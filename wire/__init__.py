@@ -1,0 +1,55 @@
+"""The tunnel protocol between broker and connector, sans-IO.
+
+Frames are msgspec Structs encoded as msgpack and length-prefixed; both sides and
+the tests import this one definition. Nothing here touches a socket or an event loop.
+"""
+
+from wire.endpoints import (
+    FRAMES_CONTENT_TYPE,
+    POLL_PATH,
+    REGISTER_PATH,
+    REPLY_PATH,
+    SESSION_HEADER,
+)
+from wire.frames import (
+    PROTOCOL_VERSION,
+    Cancel,
+    Chunk,
+    Drain,
+    End,
+    ErrorKind,
+    Frame,
+    Head,
+    Hello,
+    Models,
+    Ping,
+    Request,
+    Welcome,
+)
+from wire.framing import MAX_FRAME_SIZE, FrameDecoder, FrameError, encode, encode_many
+
+__all__ = [
+    "FRAMES_CONTENT_TYPE",
+    "MAX_FRAME_SIZE",
+    "POLL_PATH",
+    "PROTOCOL_VERSION",
+    "REGISTER_PATH",
+    "REPLY_PATH",
+    "SESSION_HEADER",
+    "Cancel",
+    "Chunk",
+    "Drain",
+    "End",
+    "ErrorKind",
+    "Frame",
+    "FrameDecoder",
+    "FrameError",
+    "Head",
+    "Hello",
+    "Models",
+    "Ping",
+    "Request",
+    "Welcome",
+    "encode",
+    "encode_many",
+]

@@ -1,0 +1,112 @@
+"""Every frame that crosses the tunnel.
+
+Frames are array-like msgspec Structs with small integer tags: a token-sized chunk
+costs a few bytes of envelope and well under a microsecond to encode or decode.
+Request ids are integers chosen by the broker, unique per broker process.
+Header names and values are ``str`` holding latin-1 decoded bytes, so any byte
+sequence survives the round trip exactly.
+"""
+
+from typing import Literal
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+Headers = list[tuple[str, str]]
+
+# Why a reply ended early. The broker maps each kind to the OpenAI error it returns
+# (before the response head) or to a terminated stream (after it).
+ErrorKind = Literal[
+    "llm_unreachable",  # connect/DNS/TLS failure towards the LLM
+    "llm_failed",  # the LLM broke the connection or the protocol mid-response
+    "cancelled",  # the broker asked to cancel
+    "overloaded",  # the connector refused more work
+    "internal",  # a bug in the connector
+]
+
+
+class _Frame(msgspec.Struct, array_like=True, tag_field="k"):
+    pass
+
+
+class Hello(_Frame, tag=1):
+    """Connector → broker registration (the body of the register call).
+
+    An empty ``models`` asks the broker to discover them by listing the LLM's models
+    through the tunnel, because only the broker holds the LLM key that listing may need.
+    """
+
+    connector_id: str
+    version: str
+    models: list[str]
+    protocol: int = PROTOCOL_VERSION
+
+
+class Welcome(_Frame, tag=2):
+    """Broker → connector answer to Hello: the session that polls and replies name."""
+
+    session: str
+    ping_interval: float
+
+
+class Request(_Frame, tag=3):
+    """Broker → connector: one HTTP request to replay against the LLM."""
+
+    id: int
+    method: str
+    path: str
+    query: str
+    headers: Headers
+    body: bytes
+    llm_api_key: str | None = None
+
+
+class Head(_Frame, tag=4):
+    """Connector → broker: the LLM's status line and headers."""
+
+    id: int
+    status: int
+    headers: Headers
+
+
+class Chunk(_Frame, tag=5):
+    """Connector → broker: response body bytes, exactly as the LLM sent them."""
+
+    id: int
+    data: bytes
+
+
+class End(_Frame, tag=6):
+    """Connector → broker: the reply is over; ``error`` says why if it failed."""
+
+    id: int
+    error: ErrorKind | None = None
+    detail: str = ""
+
+
+class Cancel(_Frame, tag=7):
+    """Broker → connector: the user went away or a timeout fired; abort the LLM call."""
+
+    id: int
+
+
+class Ping(_Frame, tag=8):
+    """Broker → connector keepalive; ``sent`` is the broker's wall clock."""
+
+    sent: float
+
+
+class Drain(_Frame, tag=9):
+    """Broker → connector: this poll ends; finish replies and poll again (or reconnect)."""
+
+    reason: str
+
+
+class Models(_Frame, tag=10):
+    """Broker → connector: the models the broker now routes to this connector."""
+
+    models: list[str]
+
+
+Frame = Hello | Welcome | Request | Head | Chunk | End | Cancel | Ping | Drain | Models

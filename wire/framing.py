@@ -1,0 +1,85 @@
+"""Length-prefixed msgpack framing and an incremental decoder.
+
+Each frame is a 4-byte big-endian length followed by that many bytes of msgpack:
+msgpack values back to back are not self-delimiting, and the prefix lets the decoder
+reject an oversize frame before buffering a byte of it.
+"""
+
+from collections.abc import Iterable
+
+import msgspec
+
+from wire.frames import Frame
+
+# Large enough for a request body at the broker's largest allowed size plus headers.
+MAX_FRAME_SIZE = 64 * 1024 * 1024
+
+_PREFIX = 4
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Frame)
+
+
+class FrameError(ValueError):
+    """The byte stream is not a valid sequence of frames; the stream must be dropped."""
+
+
+def encode(frame: Frame) -> bytes:
+    """One frame with its length prefix."""
+    return encode_many((frame,))
+
+
+def encode_many(frames: Iterable[Frame]) -> bytes:
+    """Frames that are ready together, in one buffer, so they cost one write."""
+    buf = bytearray()
+    for frame in frames:
+        start = len(buf)
+        _encoder.encode_into(frame, buf, start + _PREFIX)
+        buf[start : start + _PREFIX] = (len(buf) - start - _PREFIX).to_bytes(_PREFIX, "big")
+    return bytes(buf)
+
+
+class FrameDecoder:
+    """Feed it byte slices as they arrive; it returns the frames they complete."""
+
+    __slots__ = ("_buf", "_max", "_pos")
+
+    def __init__(self, max_frame_size: int = MAX_FRAME_SIZE) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self._max = max_frame_size
+
+    @property
+    def pending(self) -> int:
+        """Bytes received but not yet part of a whole frame (non-zero at EOF = truncated)."""
+        return len(self._buf) - self._pos
+
+    def feed(self, data: bytes) -> list[Frame]:
+        buf = self._buf
+        if self._pos and self._pos == len(buf):
+            buf.clear()
+            self._pos = 0
+        buf += data
+        frames: list[Frame] = []
+        pos = self._pos
+        end = len(buf)
+        view = memoryview(buf)
+        try:
+            while end - pos >= _PREFIX:
+                size = int.from_bytes(view[pos : pos + _PREFIX], "big")
+                if size > self._max:
+                    raise FrameError(f"frame of {size} bytes exceeds the {self._max}-byte limit")
+                if end - pos - _PREFIX < size:
+                    break
+                start = pos + _PREFIX
+                try:
+                    frames.append(_decoder.decode(view[start : start + size]))
+                except msgspec.DecodeError as exc:
+                    raise FrameError(f"undecodable frame: {exc}") from None
+                pos = start + size
+        finally:
+            view.release()
+        if pos > 65536 and pos * 2 > end:
+            del buf[:pos]
+            pos = 0
+        self._pos = pos
+        return frames
