@@ -8,7 +8,7 @@ import sys
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
-from broker.app import create_app
+from broker.server import create_app
 from broker.config import ConfigError, load_file
 from broker.keys import hash_form
 from broker.settings import Settings, parse_cli, resolve

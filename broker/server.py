@@ -1,0 +1,109 @@
+"""The broker's ASGI app, built from resolved settings.
+
+Routes are thin: they authenticate, then call into the Hub, the Relay or the tunnel
+endpoints.
+"""
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from broker import logs, tunnel_api
+from broker.asgi import DrainBody, Receive, Scope, Send
+from broker.errors import error_body
+from broker.hub import Hub
+from broker.metrics import CONTENT_TYPE
+from broker.relay import Relay
+from broker.settings import Settings
+from wire import POLL_PATH, REGISTER_PATH, REPLY_PATH
+
+
+class _TunnelEndpoint:
+    """Binds a tunnel handler to the hub as a plain ASGI app (Starlette calls it raw)."""
+
+    def __init__(self, hub: Hub, handler: Callable[[Hub, Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.hub = hub
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.handler(self.hub, scope, receive, send)
+
+
+def _hub(request: Request) -> Hub:
+    hub: Hub = request.app.state.hub
+    return hub
+
+
+def _error(status: int, code: str, message: str) -> Response:
+    return Response(error_body(status, code, message), status, media_type="application/json")
+
+
+async def health(request: Request) -> Response:
+    hub = _hub(request)
+    return JSONResponse({"status": "ok", "connectors": len(hub.router.connectors()), "models": hub.router.models()})
+
+
+async def metrics(request: Request) -> Response:
+    return Response(_hub(request).metrics.render(), media_type=CONTENT_TYPE)
+
+
+def _model_object(model: str) -> dict[str, object]:
+    return {"id": model, "object": "model", "created": 0, "owned_by": "remotellm"}
+
+
+async def list_models(request: Request) -> Response:
+    hub = _hub(request)
+    if not hub.user_allowed(request.headers.get("authorization")):
+        return _error(401, "invalid_api_key", "Incorrect or missing API key.")
+    return JSONResponse({"object": "list", "data": [_model_object(m) for m in hub.router.models()]})
+
+
+async def get_model(request: Request) -> Response:
+    hub = _hub(request)
+    if not hub.user_allowed(request.headers.get("authorization")):
+        return _error(401, "invalid_api_key", "Incorrect or missing API key.")
+    model = request.path_params["model"]
+    if model not in hub.router.models():
+        return _error(404, "model_not_found", f"The model {model!r} is not being served.")
+    return JSONResponse(_model_object(model))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    code = {404: "not_found", 405: "method_not_allowed"}.get(status, "internal_error")
+    return _error(status, code, f"{request.method} {request.url.path}: {code.replace('_', ' ')}")
+
+
+def create_app(settings: Settings) -> Starlette:
+    logs.setup()
+    hub = Hub(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        hub.close()
+
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        Route("/v1/{path:path}", Relay(hub), methods=["POST"]),
+        Route(REGISTER_PATH, _TunnelEndpoint(hub, tunnel_api.register), methods=["POST"]),
+        Route(POLL_PATH, _TunnelEndpoint(hub, tunnel_api.poll), methods=["GET"]),
+        Route(REPLY_PATH, _TunnelEndpoint(hub, tunnel_api.reply), methods=["POST"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(DrainBody)],
+        exception_handlers={404: _http_error, 405: _http_error},
+        lifespan=lifespan,
+    )
+    app.state.hub = hub
+    return app

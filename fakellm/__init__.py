@@ -1,0 +1,5 @@
+"""Fake OpenAI-compatible LLM for tests, benchmarks and the README demo (not a real LLM)."""
+
+from fakellm.server import FakeLLM, serve
+
+__all__ = ["FakeLLM", "serve"]

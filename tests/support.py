@@ -1,0 +1,199 @@
+"""Real processes on real sockets for the tests: start them, wait for them, kill them by PID.
+
+Every process runs in its own session (process group), so a kill also takes the
+children hypercorn forks; every wait here has a bound.
+"""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(check: Callable[[], T], timeout: float = 15.0, interval: float = 0.05, what: str = "") -> T:
+    """Poll ``check`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except AssertionError:
+            raise
+        except Exception as exc:
+            last_error = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what or check}: {last_error!r}")
+
+
+class Proc:
+    """A child process with its output in a log file."""
+
+    def __init__(self, name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.args = args
+        self.log_path = log_dir / f"{name}.log"
+        self._log = self.log_path.open("ab")
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.popen = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.pid = self.popen.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        try:
+            os.killpg(self.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def kill(self, timeout: float = 5.0) -> None:
+        self.signal(signal.SIGKILL)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        self._log.close()
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        """SIGTERM, then SIGKILL if it does not leave within ``timeout``."""
+        self.signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return None
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+
+class Stack:
+    """Starts fake LLMs, brokers and connectors for one test and kills them all after it."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: list[Proc] = []
+        self._count = 0
+
+    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Proc:
+        self._count += 1
+        proc = Proc(f"{self._count:02d}-{name}", args, self.log_dir, env)
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            proc.kill()
+
+    def logs(self) -> str:
+        return "\n".join(f"===== {p.name}\n{p.log()}" for p in self.procs)
+
+    def llm(self, *models: str, api_key: str | None = None, name: str = "llm") -> str:
+        """A fake OpenAI server; returns its base URL."""
+        args = [sys.executable, "-m", "fakellm", "--port", "0", "--name", name]
+        for model in models:
+            args += ["--model", model]
+        if api_key:
+            args += ["--api-key", api_key]
+        proc = self.spawn(name, args)
+        found = wait_until(
+            lambda: re.search(r"listening on (http://\S+)", proc.log()), timeout=10, what=f"{name} to listen"
+        )
+        return found.group(1)
+
+    def broker(
+        self,
+        config: str | None = None,
+        *,
+        user_keys: tuple[str, ...] = ("sk-user",),
+        via: str = "hypercorn",
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        name: str = "broker",
+    ) -> "BrokerHandle":
+        port = port or free_port()
+        full_env = {"REMOTELLM_USER_API_KEYS": ",".join(user_keys), **(env or {})}
+        if config is not None:
+            path = self.log_dir / f"{name}-connectors.yaml"
+            path.write_text(config)
+            full_env["REMOTELLM_CONNECTOR_CONFIG"] = str(path)
+        if via == "hypercorn":
+            args = [sys.executable, "-m", "hypercorn", "broker.app:app", "--bind", f"127.0.0.1:{port}"]
+        else:
+            args = [sys.executable, "-m", "broker", "--port", str(port)]
+        proc = self.spawn(name, args, full_env)
+        handle = BrokerHandle(proc, f"http://127.0.0.1:{port}")
+        handle.wait_serving()
+        return handle
+
+    def connector(
+        self,
+        broker_url: str,
+        token: str,
+        llm_url: str,
+        *models: str,
+        health_port: int | None = None,
+        env: dict[str, str] | None = None,
+        name: str = "connector",
+    ) -> Proc:
+        args = [sys.executable, "-m", "connector", "--broker-url", broker_url, "--token", token, "--llm-url", llm_url]
+        for model in models:
+            args += ["--model", model]
+        if health_port:
+            args += ["--health-port", str(health_port)]
+        return self.spawn(name, args, env)
+
+
+class BrokerHandle:
+    def __init__(self, proc: Proc, url: str) -> None:
+        self.proc = proc
+        self.url = url
+
+    def wait_serving(self) -> None:
+        def serving() -> bool:
+            assert self.proc.alive, f"the broker exited:\n{self.proc.log()[-3000:]}"
+            return httpx.get(self.url + "/health", timeout=1).status_code == 200
+
+        wait_until(serving, what=f"{self.proc.name} to serve")
+
+    def health(self) -> dict[str, object]:
+        result: dict[str, object] = httpx.get(self.url + "/health", timeout=2).json()
+        return result
+
+    def wait_models(self, *models: str, connectors: int | None = None, timeout: float = 15.0) -> None:
+        """Wait until every model is routed (and, if given, that many connectors are live)."""
+
+        def ready() -> bool:
+            health = self.health()
+            served = set(health["models"])  # type: ignore[call-overload]
+            return set(models) <= served and (connectors is None or health["connectors"] == connectors)
+
+        wait_until(ready, timeout=timeout, what=f"models {models} on the broker")
