@@ -8,9 +8,9 @@ import sys
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
-from broker.server import create_app
 from broker.config import ConfigError, load_file
 from broker.keys import hash_form
+from broker.server import create_app
 from broker.settings import Settings, parse_cli, resolve
 
 # hypercorn closes a connection after 1000 requests by default (GOAWAY): fatal for a tunnel.

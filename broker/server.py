@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from broker import logs, tunnel_api
+from broker import h2_reset, logs, tunnel_api
 from broker.asgi import DrainBody, Receive, Scope, Send
 from broker.errors import error_body
 from broker.hub import Hub
@@ -82,6 +82,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 def create_app(settings: Settings) -> Starlette:
     logs.setup()
+    h2_reset.install()
     hub = Hub(settings)
 
     @asynccontextmanager

@@ -4,6 +4,7 @@ Every process runs in its own session (process group), so a kill also takes the
 children hypercorn forks; every wait here has a bound.
 """
 
+import contextlib
 import os
 import re
 import signal
@@ -68,17 +69,13 @@ class Proc:
         return self.log_path.read_text(errors="replace")
 
     def signal(self, signum: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, signum)
-        except ProcessLookupError:
-            pass
 
     def kill(self, timeout: float = 5.0) -> None:
         self.signal(signal.SIGKILL)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
         self._log.close()
 
     def stop(self, timeout: float = 5.0) -> int | None:

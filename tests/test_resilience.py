@@ -259,3 +259,18 @@ def test_sigterm_stops_the_connector_and_broker_stops_routing(stack: Stack) -> N
     assert httpx.post(broker.url + "/v1/chat/completions", json=body(), headers=USER).status_code == 503
     broker.proc.signal(signal.SIGTERM)
     assert broker.proc.popen.wait(10) == 0
+
+
+def test_a_cut_http2_stream_is_reset_and_its_connection_lives_on(stack: Stack) -> None:
+    """hypercorn forgets an unfinished h2 stream; broker.h2_reset makes the cut visible at once."""
+    url, _ = start(stack, "m", env={"REMOTELLM_IDLE_TIMEOUT": "1"})
+    with httpx.Client(http1=False, http2=True, timeout=10, headers=USER) as client:
+        payload = body(stream=True, chunks=3, delay_ms=4000)
+        with client.stream("POST", url + "/v1/chat/completions", json=payload) as resp:
+            started = time.monotonic()
+            with pytest.raises(httpx.RemoteProtocolError, match="StreamReset"):
+                resp.read()
+        assert time.monotonic() - started < 2.5
+        after = client.post(url + "/v1/chat/completions", json=body())
+        assert after.status_code == 200
+        assert after.http_version == "HTTP/2"
