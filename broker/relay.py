@@ -5,6 +5,7 @@ a user who goes away while the LLM is still answering.
 """
 
 import asyncio
+import secrets
 import time
 
 import msgspec
@@ -21,7 +22,7 @@ from wire import Chunk, End, Head
 # never leaves the broker.
 _HOP_REQUEST = frozenset(
     b"authorization host content-length connection keep-alive transfer-encoding te "
-    b"upgrade proxy-authorization proxy-connection http2-settings expect".split()
+    b"upgrade proxy-authorization proxy-connection http2-settings expect x-request-id".split()
 )
 # Response headers the broker sets itself or that describe the LLM's hop.
 _HOP_RESPONSE = frozenset(
@@ -36,6 +37,8 @@ _HOP_RESPONSE = frozenset(
         "date",
         "cache-control",
         "x-accel-buffering",
+        "x-remotellm-overhead-ms",
+        "x-request-id",
     ]
 )
 _NO_BUFFERING = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
@@ -93,11 +96,12 @@ class Relay:
 
         session = route.connector
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"] if k not in _HOP_REQUEST]
+        outcome = _Outcome(_request_id(header(scope, b"x-request-id")))
+        headers.append(("x-request-id", outcome.request_id))
         query = scope.get("query_string", b"").decode("latin-1")
         exchange = session.open(scope["method"], scope["path"], query, headers, body)
         watcher = asyncio.ensure_future(_watch_disconnect(receive, exchange))
         hub.metrics.in_flight.inc()
-        outcome = _Outcome()
         try:
             await _respond(exchange, send, settings.first_byte_timeout, settings.idle_timeout, outcome, started)
         finally:
@@ -108,7 +112,7 @@ class Relay:
             if outcome.ttfb:
                 hub.metrics.ttfb.observe(outcome.ttfb)
             hub.request_log.write(
-                id=exchange.id,
+                id=outcome.request_id,
                 model=model,
                 connector=session.name,
                 status=outcome.status,
@@ -120,9 +124,10 @@ class Relay:
 
 
 class _Outcome:
-    __slots__ = ("bytes", "ended", "result", "status", "ttfb")
+    __slots__ = ("bytes", "ended", "request_id", "result", "status", "ttfb")
 
-    def __init__(self) -> None:
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
         self.status = 0
         self.ttfb = 0.0
         self.bytes = 0
@@ -141,7 +146,9 @@ async def _respond(
     out.ttfb = time.perf_counter() - started
     out.status = event.status
     headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in event.headers if k.lower() not in _HOP_RESPONSE]
-    await send({"type": "http.response.start", "status": event.status, "headers": headers + _NO_BUFFERING})
+    overhead = b"%.2f" % max(0.0, out.ttfb * 1000 - event.llm_ms)
+    headers += [*_NO_BUFFERING, (b"x-remotellm-overhead-ms", overhead), (b"x-request-id", out.request_id.encode())]
+    await send({"type": "http.response.start", "status": event.status, "headers": headers})
     queue = exchange.events
     pending: ReplyEvent | None = None
     while True:
@@ -184,6 +191,13 @@ async def _fail_before_head(send: Send, event: ReplyEvent | None, out: _Outcome)
     else:
         message = "The connector serving this model went away."
     await send_error(send, 502, "upstream_unavailable", message)
+
+
+def _request_id(given: str | None) -> str:
+    """The user's X-Request-ID if it is a sane token, else a fresh one."""
+    if given and len(given) <= 128 and given.isascii() and given.isprintable():
+        return given
+    return secrets.token_hex(8)
 
 
 def _describe(event: ReplyEvent | None) -> str:

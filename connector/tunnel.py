@@ -182,10 +182,12 @@ class Tunnel:
     async def _call_llm(self, request: Request, outbox: "asyncio.Queue[bytes | None]") -> None:
         error: ErrorKind | None = None
         detail = ""
+        started = time.perf_counter()
         try:
             async with self.llm.stream(request) as response:
                 raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers.raw]
-                outbox.put_nowait(encode(Head(request.id, response.status_code, raw)))
+                llm_ms = (time.perf_counter() - started) * 1000
+                outbox.put_nowait(encode(Head(request.id, response.status_code, raw, llm_ms)))
                 async for data in response.aiter_raw():
                     outbox.put_nowait(encode(Chunk(request.id, data)))
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:

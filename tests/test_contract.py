@@ -311,3 +311,25 @@ def test_broker_refuses_a_bad_config_clearly(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "bad.yaml:2" in result.stderr and "token is required" in result.stderr
+
+
+def test_request_id_travels_to_the_llm_and_back(cluster: Cluster) -> None:
+    raw = cluster.client.chat.completions.with_raw_response.create(
+        model="alpha-model",
+        messages=[],
+        extra_body={"fake": {"echo_headers": True}},
+        extra_headers={"x-request-id": "trace-123"},
+    )
+    assert raw.headers["x-request-id"] == "trace-123"
+    seen = json.loads(raw.parse().choices[0].message.content or "{}")
+    assert seen["x-request-id"] == "trace-123"
+    generated = cluster.client.chat.completions.with_raw_response.create(model="alpha-model", messages=[])
+    assert len(generated.headers["x-request-id"]) == 16
+
+
+def test_overhead_header_excludes_the_llms_time(cluster: Cluster) -> None:
+    raw = cluster.client.chat.completions.with_raw_response.create(
+        model="alpha-model", messages=[], extra_body={"fake": {"head_delay_ms": 300}}
+    )
+    overhead = float(raw.headers["x-remotellm-overhead-ms"])
+    assert 0 <= overhead < 100

@@ -63,11 +63,16 @@ class Request(_Frame, tag=3):
 
 
 class Head(_Frame, tag=4):
-    """Connector → broker: the LLM's status line and headers."""
+    """Connector → broker: the LLM's status line and headers.
+
+    ``llm_ms`` is how long the LLM took to send them, so the broker can tell its users
+    what the bridge itself added.
+    """
 
     id: int
     status: int
     headers: Headers
+    llm_ms: float = 0.0
 
 
 class Chunk(_Frame, tag=5):
