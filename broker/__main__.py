@@ -3,19 +3,23 @@
 import asyncio
 import getpass
 import os
+import signal
 import sys
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
 from broker.config import ConfigError, load_file
+from broker.hub import Hub
 from broker.keys import hash_form
+from broker.logs import log
 from broker.server import create_app
 from broker.settings import Settings, parse_cli, resolve
 
 # hypercorn closes a connection after 1000 requests by default (GOAWAY): fatal for a tunnel.
 KEEP_ALIVE_MAX_REQUESTS = 2**31
 BACKLOG = 1024
+GRACEFUL_TIMEOUT = 30.0  # requests in flight get this long to finish on SIGTERM
 
 
 def hypercorn_config(settings: Settings) -> Config:
@@ -71,8 +75,25 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"python -m broker: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(serve(create_app(settings), hypercorn_config(settings)))  # type: ignore[arg-type]
+    asyncio.run(_serve(settings))
     return 0
+
+
+async def _serve(settings: Settings) -> None:
+    """hypercorn, with a shutdown that first drains the tunnels (plain hypercorn cannot)."""
+    app = create_app(settings)
+    hub: Hub = app.state.hub
+    signalled = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, signalled.set)
+
+    async def drained() -> None:
+        await signalled.wait()
+        log.info("shutting down: draining connectors (up to %.0f s)", GRACEFUL_TIMEOUT)
+        await hub.drain(GRACEFUL_TIMEOUT)
+
+    await serve(app, hypercorn_config(settings), shutdown_trigger=drained)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

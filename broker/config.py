@@ -23,7 +23,12 @@ SETTING_KEYS = frozenset(
         "keyfile",
         "first_byte_timeout",
         "idle_timeout",
+        "total_timeout",
         "log_format",
+        "ping_interval",
+        "poll_lifetime",
+        "queue_timeout",
+        "max_body_size",
     }
 )
 _CONNECTOR_KEYS = frozenset({"name", "token", "llm_api_key", "models", "max_concurrent"})

@@ -15,13 +15,15 @@ from broker.config import ConnectorSpec
 from broker.keys import bearer, find_secret
 from broker.logs import RequestLog, log
 from broker.metrics import Metrics
-from broker.router import AtCapacity, ModelRouter, Route
+from broker.router import AtCapacity, ModelRouter, Route, RouteError
 from broker.settings import Settings
+from broker.throttle import AuthThrottle
 from broker.tunnel import Exchange, Interrupt, Session
-from wire import Chunk, End, Head, Hello, Models
+from wire import Chunk, Credit, Drain, End, Head, Hello, Models, Pong
 
-# A session that registered but never polled is forgotten after this long.
-FIRST_POLL_GRACE = 30.0
+# A connector silent (no reply or heartbeat), or without a poll, for this many ping
+# intervals is dropped.
+SILENT_PINGS = 3
 DISCOVERY_TIMEOUT = 30.0
 DISCOVERY_RETRY_MAX = 60.0
 
@@ -53,6 +55,8 @@ class Hub:
         self._token_digests = tuple(spec.token_digest for spec in settings.connectors)
         self._slot_freed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.auth_throttle = AuthThrottle()
+        self.shutting_down = False
 
     # --- authentication -------------------------------------------------
 
@@ -67,16 +71,17 @@ class Hub:
         index = find_secret(token, self._token_digests)
         return None if index is None else self.settings.connectors[index]
 
-    def session_for(self, authorization: str | None, session_id: str | None) -> Session | None:
-        spec = self.connector_spec(authorization)
+    def session_of(self, spec: ConnectorSpec, session_id: str | None) -> Session | None:
         session = self.sessions.get(session_id or "")
-        if spec is None or session is None or session.spec is not spec or session.closed:
+        if session is None or session.spec is not spec or session.closed:
             return None
         return session
 
     # --- session lifecycle ---------------------------------------------
 
     def register(self, spec: ConnectorSpec, hello: Hello, remote: str) -> Session:
+        if self.shutting_down:
+            raise Refused(503, "shutting_down", "this broker is shutting down; try again shortly")
         if spec.models is not None:
             refused = sorted(set(hello.models) - spec.models)
             if refused:
@@ -90,7 +95,6 @@ class Hub:
                 self.drop(old, "replaced by a new registration")
         session = Session(spec, hello, remote)
         self.sessions[session.id] = session
-        asyncio.get_running_loop().call_later(FIRST_POLL_GRACE, self._forget_if_idle, session)
         log.info("connector %s registered from %s (models: %s)", spec.name, remote, _models_text(hello))
         return session
 
@@ -112,15 +116,48 @@ class Hub:
         self.metrics.connectors.set(len(self.router.connectors()))
         log.info("connector %s dropped: %s", session.name, reason)
 
+    def start(self) -> None:
+        self._spawn(self._reap())
+
     def close(self) -> None:
         for session in list(self.sessions.values()):
             self.drop(session, "broker shutting down")
         for task in self._tasks:
             task.cancel()
 
-    def _forget_if_idle(self, session: Session) -> None:
-        if session.poll_generation == 0:
-            self.drop(session, "never polled")
+    async def drain(self, timeout: float) -> None:
+        """Graceful shutdown: tell every connector, refuse new work, let requests in flight end."""
+        self.shutting_down = True
+        for session in self.sessions.values():
+            session.send(Drain("broker shutting down"))
+        deadline = time.monotonic() + timeout
+        while any(s.exchanges for s in self.sessions.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self.close()
+
+    def heartbeat(self, session: Session, pong: Pong) -> None:
+        session.touch()
+
+    def retire(self, session: Session, reason: str) -> None:
+        """The connector is leaving: route nothing new to it; drop it once its replies end."""
+        log.info("connector %s is leaving: %s", session.name, reason)
+        session.leaving = True
+        self.router.remove(session)
+        self.metrics.connectors.set(len(self.router.connectors()))
+        if not session.exchanges:
+            self.drop(session, "left")
+
+    async def _reap(self) -> None:
+        """Drops sessions that went silent (a frozen or half-open connector) or stopped polling."""
+        interval = self.settings.ping_interval
+        while True:
+            await asyncio.sleep(interval / 2)
+            deadline = time.monotonic() - SILENT_PINGS * interval
+            for session in list(self.sessions.values()):
+                if session.last_seen < deadline:
+                    self.drop(session, "silent")
+                elif not session.polling and session.unpolled_since < deadline:
+                    self.drop(session, "not polling")
 
     def _route(self, session: Session, models: frozenset[str]) -> None:
         if session.closed:
@@ -179,8 +216,18 @@ class Hub:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._slot_freed.wait(), remaining)
 
+    def alternate(self, model: str, failed: Session) -> Session | None:
+        """Another live connector with a free slot for a request that lost its own."""
+        try:
+            return self.router.get_route(model, exclude=failed).connector
+        except RouteError:
+            return None
+
     def finish(self, exchange: Exchange, *, cancel: bool) -> None:
-        exchange.session.finish(exchange, cancel=cancel)
+        session = exchange.session
+        session.finish(exchange, cancel=cancel)
+        if session.leaving and not session.exchanges:
+            self.drop(session, "left")
         event, self._slot_freed = self._slot_freed, asyncio.Event()
         event.set()
 
@@ -193,6 +240,7 @@ async def _collect(exchange: Exchange) -> tuple[int, bytes, bool]:
             status = event.status
         elif isinstance(event, Chunk):
             parts.append(event.data)
+            exchange.session.send(Credit(exchange.id, len(event.data)))
         elif isinstance(event, End):
             return (status if event.error is None else 0), b"".join(parts), True
         elif isinstance(event, Interrupt):

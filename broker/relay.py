@@ -5,18 +5,23 @@ a user who goes away while the LLM is still answering.
 """
 
 import asyncio
+import contextlib
 import secrets
 import time
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import msgspec
 
 from broker.asgi import ClientGone, Receive, Scope, Send, header, read_body
 from broker.errors import send_error
 from broker.hub import Hub
+from broker.logs import log
 from broker.metrics import UNROUTED
 from broker.router import AtCapacity, RouteError
+from broker.settings import Settings
 from broker.tunnel import Exchange, Interrupt, ReplyEvent
-from wire import Chunk, End, Head
+from wire import INITIAL_CREDIT, Chunk, Credit, End, Head
 
 # Request headers that describe this hop, not the request; the user's Authorization
 # never leaves the broker.
@@ -41,6 +46,9 @@ _HOP_RESPONSE = frozenset(
         "x-request-id",
     ]
 )
+# Credit is returned in steps of half the window: one frame per 128 KiB the user reads.
+CREDIT_STEP = INITIAL_CREDIT // 2
+Headers = Sequence[tuple[bytes, bytes]]
 _NO_BUFFERING = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 _END_ERRORS = {
     "llm_unreachable": "the connector could not reach its LLM",
@@ -63,96 +71,156 @@ class Relay:
         self.hub = hub
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        out = _Outcome(_request_id(header(scope, b"x-request-id")))
+        watcher: asyncio.Future[None] | None = None
+        try:
+            body = await self._admit(scope, receive, send, out)
+            if body is not None:
+                watcher = asyncio.ensure_future(_watch_disconnect(receive, out))
+                await self._forward(scope, send, body, out)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            self._account(out)
+
+    async def _admit(self, scope: Scope, receive: Receive, send: Send, out: "_Outcome") -> bytes | None:
+        """The request body, once the key, the size and the model check out; else None."""
         hub = self.hub
-        started = time.perf_counter()
         if not hub.user_allowed(header(scope, b"authorization")):
-            await send_error(send, 401, "invalid_api_key", "Incorrect or missing API key.")
-            return
-        settings = hub.settings
+            await out.fail(send, 401, "invalid_api_key", "Incorrect or missing API key.")
+            return None
+        limit = hub.settings.max_body_size
         declared = header(scope, b"content-length")
         try:
-            too_big = declared is not None and int(declared) > settings.max_body_size
-            body = None if too_big else await read_body(receive, settings.max_body_size)
+            too_big = declared is not None and int(declared) > limit
+            body = None if too_big else await read_body(receive, limit)
         except (ClientGone, ValueError):
-            return
+            out.result = "user_gone"
+            return None
         if body is None:
-            limit = settings.max_body_size
-            await send_error(send, 413, "request_too_large", f"Request body over {limit} bytes.")
-            return
-        try:
-            model = _decode_body(body).model
-        except msgspec.MsgspecError:
-            model = ""
-        if not model:
-            message = "The body must be a JSON object with a 'model' string."
-            await send_error(send, 400, "invalid_request", message)
-            return
-        try:
-            route = await hub.route(model)
-        except RouteError as exc:
-            await _send_route_error(send, exc, model)
-            hub.metrics.requests.labels(UNROUTED, str(exc.status)).inc()
-            return
+            await out.fail(send, 413, "request_too_large", f"Request body over {limit} bytes.")
+            return None
+        with contextlib.suppress(msgspec.MsgspecError):
+            out.model = _decode_body(body).model
+        if not out.model:
+            await out.fail(send, 400, "invalid_request", "The body must be a JSON object with a 'model' string.")
+            return None
+        return body
 
-        session = route.connector
+    async def _forward(self, scope: Scope, send: Send, body: bytes, out: "_Outcome") -> None:
+        hub, settings = self.hub, self.hub.settings
+        try:
+            session = (await hub.route(out.model)).connector
+        except RouteError as exc:
+            await _send_route_error(send, exc, out)
+            return
+        out.routed = True
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"] if k not in _HOP_REQUEST]
-        outcome = _Outcome(_request_id(header(scope, b"x-request-id")))
-        headers.append(("x-request-id", outcome.request_id))
+        headers.append(("x-request-id", out.request_id))
         query = scope.get("query_string", b"").decode("latin-1")
-        exchange = session.open(scope["method"], scope["path"], query, headers, body)
-        watcher = asyncio.ensure_future(_watch_disconnect(receive, exchange))
         hub.metrics.in_flight.inc()
         try:
-            await _respond(exchange, send, settings.first_byte_timeout, settings.idle_timeout, outcome, started)
+            async with asyncio.timeout(settings.total_timeout):
+                for attempt in (1, 2):
+                    out.connector = session.name
+                    exchange = out.exchange = session.open(scope["method"], scope["path"], query, headers, body)
+                    try:
+                        failure = await _respond(exchange, send, settings, out)
+                    finally:
+                        hub.finish(exchange, cancel=not out.ended)
+                    if failure is None:
+                        return
+                    # Lost before the head: nothing reached the user, so one retry elsewhere is safe.
+                    retry = attempt == 1 and _retryable(failure.event)
+                    alternate = hub.alternate(out.model, session) if retry else None
+                    if alternate is None:
+                        await _fail_before_head(send, failure.event, out)
+                        return
+                    log.info(
+                        "request %s: %s on %s, retrying on %s", out.request_id, out.result, session.name, alternate.name
+                    )
+                    session = alternate
+        except TimeoutError:
+            out.result = "total_timeout"
+            if not out.head_sent:
+                await out.fail(send, 504, "timeout", "The request took longer than the total time allowed.")
         finally:
-            watcher.cancel()
-            hub.finish(exchange, cancel=not outcome.ended)
             hub.metrics.in_flight.dec()
-            hub.metrics.requests.labels(model, str(outcome.status)).inc()
-            if outcome.ttfb:
-                hub.metrics.ttfb.observe(outcome.ttfb)
-            hub.request_log.write(
-                id=outcome.request_id,
-                model=model,
-                connector=session.name,
-                status=outcome.status,
-                ms=round((time.perf_counter() - started) * 1000, 2),
-                ttfb_ms=round(outcome.ttfb * 1000, 2),
-                bytes=outcome.bytes,
-                result=outcome.result,
-            )
+
+    def _account(self, out: "_Outcome") -> None:
+        hub = self.hub
+        hub.metrics.requests.labels(out.model if out.routed else UNROUTED, str(out.status)).inc()
+        if out.ttfb:
+            hub.metrics.ttfb.observe(out.ttfb)
+        hub.request_log.write(
+            id=out.request_id,
+            model=out.model if out.routed else "-",
+            connector=out.connector,
+            status=out.status,
+            ms=round((time.perf_counter() - out.started) * 1000, 2),
+            ttfb_ms=round(out.ttfb * 1000, 2),
+            bytes=out.bytes,
+            result=out.result,
+        )
 
 
 class _Outcome:
-    __slots__ = ("bytes", "ended", "request_id", "result", "status", "ttfb")
+    """What happened to one user request, for its reply, its log line and its metrics."""
+
+    __slots__ = (
+        "bytes", "connector", "ended", "exchange", "gone", "head_sent", "model", "request_id", "result",
+        "routed", "started", "status", "ttfb",
+    )  # fmt: skip
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
+        self.started = time.perf_counter()
+        self.model = ""
+        self.routed = False
+        self.connector = "-"
+        self.exchange: Exchange | None = None
         self.status = 0
         self.ttfb = 0.0
         self.bytes = 0
+        self.head_sent = False
         self.ended = False  # the connector sent End: nothing to cancel
+        self.gone = False
         self.result = "ok"
 
+    async def fail(self, send: Send, status: int, code: str, message: str, headers: Headers = ()) -> None:
+        self.status = status
+        if self.result == "ok":
+            self.result = code
+        await send_error(send, status, code, message, [(b"x-request-id", self.request_id.encode()), *headers])
 
-async def _respond(
-    exchange: Exchange, send: Send, first_byte: float, idle: float, out: _Outcome, started: float
-) -> None:
-    event = await _next(exchange, first_byte)
+
+class _BeforeHead(NamedTuple):
+    """What ended an attempt before the response head (None: the first-byte timeout)."""
+
+    event: ReplyEvent | None
+
+
+async def _respond(exchange: Exchange, send: Send, settings: Settings, out: _Outcome) -> _BeforeHead | None:
+    """Relay one attempt; None once a response went out, whole or cut."""
+    out.ended = False
+    event = await _next(exchange, settings.first_byte_timeout)
     if not isinstance(event, Head):
         out.ended = isinstance(event, End)
-        await _fail_before_head(send, event, out)
-        return
-    out.ttfb = time.perf_counter() - started
+        out.result = _describe(event)
+        return _BeforeHead(event)
+    out.ttfb = time.perf_counter() - out.started
     out.status = event.status
     headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in event.headers if k.lower() not in _HOP_RESPONSE]
     overhead = b"%.2f" % max(0.0, out.ttfb * 1000 - event.llm_ms)
     headers += [*_NO_BUFFERING, (b"x-remotellm-overhead-ms", overhead), (b"x-request-id", out.request_id.encode())]
     await send({"type": "http.response.start", "status": event.status, "headers": headers})
+    out.head_sent = True
     queue = exchange.events
+    session = exchange.session
     pending: ReplyEvent | None = None
+    unacknowledged = 0
     while True:
-        event, pending = pending or await _next(exchange, idle), None
+        event, pending = pending or await _next(exchange, settings.idle_timeout), None
         if isinstance(event, Chunk):
             parts = [event.data]
             while not queue.empty():  # coalesce what is already here into one write
@@ -164,33 +232,41 @@ async def _respond(
             data = parts[0] if len(parts) == 1 else b"".join(parts)
             out.bytes += len(data)
             await send({"type": "http.response.body", "body": data, "more_body": True})
+            # The user took these bytes: the connector may send as many more.
+            unacknowledged += len(data)
+            if unacknowledged >= CREDIT_STEP:
+                session.send(Credit(exchange.id, unacknowledged))
+                unacknowledged = 0
         elif isinstance(event, End) and event.error is None:
             out.ended = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-            return
+            return None
         else:
             # Returning without the final body message makes hypercorn cut the response,
             # so the user sees a truncated stream rather than a falsely complete one.
             out.ended = isinstance(event, End)
             out.result = _describe(event)
-            return
+            return None
+
+
+def _retryable(event: ReplyEvent | None) -> bool:
+    if isinstance(event, Interrupt):
+        return event.reason == "connector_lost"
+    return isinstance(event, End) and event.error == "llm_unreachable"
 
 
 async def _fail_before_head(send: Send, event: ReplyEvent | None, out: _Outcome) -> None:
-    out.result = _describe(event)
     if isinstance(event, Interrupt) and event.reason == "user_gone":
         out.status = 499
         return
     if event is None:
-        out.status = 504
-        await send_error(send, 504, "timeout", "The LLM did not start answering in time.")
+        await out.fail(send, 504, "timeout", "The LLM did not start answering in time.")
         return
-    out.status = 502
     if isinstance(event, End) and event.error in _END_ERRORS:
         message = _END_ERRORS[event.error]
     else:
         message = "The connector serving this model went away."
-    await send_error(send, 502, "upstream_unavailable", message)
+    await out.fail(send, 502, "upstream_unavailable", message)
 
 
 def _request_id(given: str | None) -> str:
@@ -222,17 +298,20 @@ async def _next(exchange: Exchange, timeout: float) -> ReplyEvent | None:
         return None
 
 
-async def _watch_disconnect(receive: Receive, exchange: Exchange) -> None:
+async def _watch_disconnect(receive: Receive, out: _Outcome) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
-    exchange.events.put_nowait(Interrupt("user_gone"))
+    out.gone = True
+    if out.exchange is not None:
+        out.exchange.events.put_nowait(Interrupt("user_gone"))
 
 
-async def _send_route_error(send: Send, exc: RouteError, model: str) -> None:
+async def _send_route_error(send: Send, exc: RouteError, out: _Outcome) -> None:
+    model = out.model
     if isinstance(exc, AtCapacity):
         message = f"Every connector serving {model!r} is busy; retry shortly."
-        await send_error(send, exc.status, exc.code, message, [(b"retry-after", b"1")])
+        await out.fail(send, exc.status, exc.code, message, [(b"retry-after", b"1")])
     elif exc.status == 404:
-        await send_error(send, 404, exc.code, f"The model {model!r} does not exist.")
+        await out.fail(send, 404, exc.code, f"The model {model!r} does not exist.")
     else:
-        await send_error(send, exc.status, exc.code, f"No connector is serving {model!r} right now.")
+        await out.fail(send, exc.status, exc.code, f"No connector is serving {model!r} right now.")

@@ -76,12 +76,14 @@ class ModelRouter(Generic[E]):
     def models_of(self, connector: E) -> frozenset[str]:
         return self._models_of.get(connector, frozenset())
 
-    def get_route(self, model: str) -> Route[E]:
+    def get_route(self, model: str, exclude: E | None = None) -> Route[E]:
         """The least busy live connector for the model that still has a free slot."""
         serving = self._serving.get(model)
-        if not serving:
+        candidates = [c for c in serving if c is not exclude] if serving and exclude is not None else serving
+        if not candidates:
             raise (ModelUnavailable if model in self._known else ModelNotFound)(model)
-        best = min(serving, key=_load)
+        assert serving is not None
+        best = min(candidates, key=_load)
         if best.in_flight >= best.max_concurrent:
             raise AtCapacity(model)
         if len(serving) > 1:  # ties go round-robin: the chosen one moves to the back

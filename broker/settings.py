@@ -37,6 +37,17 @@ class BrokerArgs:
     idle_timeout: float | None = field(
         default=None, metadata={"type": float, "help": "seconds allowed between two chunks"}
     )
+    total_timeout: float | None = field(default=None, metadata={"type": float, "help": "seconds per request, all in"})
+    ping_interval: float | None = field(
+        default=None, metadata={"type": float, "help": "seconds between tunnel pings (15)"}
+    )
+    poll_lifetime: float | None = field(
+        default=None, metadata={"type": float, "help": "seconds before a poll is recycled (300)"}
+    )
+    queue_timeout: float | None = field(
+        default=None, metadata={"type": float, "help": "seconds a request waits for a free slot (2)"}
+    )
+    max_body_size: int | None = field(default=None, metadata={"type": int, "help": "request body limit in bytes"})
     log_format: str | None = field(
         default=None, metadata={"type": str, "choices": ["plain", "json"], "help": "request log format"}
     )
@@ -65,10 +76,12 @@ class Settings:
     connectors: tuple[ConnectorSpec, ...] = ()
     first_byte_timeout: float = 300.0
     idle_timeout: float = 300.0
+    total_timeout: float = 3600.0
     log_format: LogFormat = "plain"
     max_body_size: int = 16 * 1024 * 1024
     queue_timeout: float = 2.0  # how long a request may wait for a free slot before 429
-    ping_interval: float = 15.0
+    ping_interval: float = 15.0  # also the connector's heartbeat; silence for 3 of them = dead
+    poll_lifetime: float = 300.0  # each poll ends after this long; the connector polls again
 
 
 _ENV = {
@@ -78,9 +91,23 @@ _ENV = {
     "keyfile": "REMOTELLM_KEYFILE",
     "first_byte_timeout": "REMOTELLM_FIRST_BYTE_TIMEOUT",
     "idle_timeout": "REMOTELLM_IDLE_TIMEOUT",
+    "total_timeout": "REMOTELLM_TOTAL_TIMEOUT",
     "log_format": "REMOTELLM_LOG_FORMAT",
+    "ping_interval": "REMOTELLM_PING_INTERVAL",
+    "poll_lifetime": "REMOTELLM_POLL_LIFETIME",
+    "queue_timeout": "REMOTELLM_QUEUE_TIMEOUT",
+    "max_body_size": "REMOTELLM_MAX_BODY_SIZE",
 }
-_CONVERT: dict[str, Any] = {"port": int, "first_byte_timeout": float, "idle_timeout": float}
+_CONVERT: dict[str, Any] = {
+    "port": int,
+    "first_byte_timeout": float,
+    "idle_timeout": float,
+    "total_timeout": float,
+    "ping_interval": float,
+    "poll_lifetime": float,
+    "queue_timeout": float,
+    "max_body_size": int,
+}
 
 
 def resolve(args: BrokerArgs | None, env: Mapping[str, str]) -> Settings:

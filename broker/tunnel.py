@@ -56,6 +56,10 @@ class Session:
         self.in_flight = 0
         self.exchanges: dict[int, Exchange] = {}
         self.poll_generation = 0
+        self.polling = False
+        self.unpolled_since = time.monotonic()
+        self.last_seen = time.monotonic()  # any sign of life: a poll, a reply, a heartbeat
+        self.leaving = False  # the connector said goodbye: no new requests
         self.closed = False
         self._outbox: list[Frame] = []
         self._wake = asyncio.Event()
@@ -77,22 +81,36 @@ class Session:
         self._outbox.append(frame)
         self._wake.set()
 
+    def touch(self) -> None:
+        self.last_seen = time.monotonic()
+
     def attach_poll(self) -> int:
         """A new poll takes over; the previous one (if any) ends after its current write."""
         self.poll_generation += 1
+        self.polling = True
+        self.touch()
         self._wake.set()
         return self.poll_generation
 
-    async def next_frames(self, generation: int, timeout: float) -> list[Frame] | None:
-        """Frames for the poll of this generation: [] after ``timeout``, None once it is over."""
-        if not self._outbox and not self.closed:
+    def detach_poll(self, generation: int) -> None:
+        if generation == self.poll_generation:
+            self.polling = False
+            self.unpolled_since = time.monotonic()
+
+    async def next_frames(self, generation: int, timeout: float, until: float) -> list[Frame] | None:
+        """Frames for the poll of this generation: a Ping after ``timeout`` of silence,
+        None once the poll is over (replaced, closed, or past ``until``)."""
+        remaining = until - time.monotonic()
+        if not self._outbox and not self.closed and remaining > 0:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                await asyncio.wait_for(self._wake.wait(), min(timeout, remaining))
         if self.closed or generation != self.poll_generation:
             return None
         self._wake.clear()
         frames, self._outbox = self._outbox, []
-        return frames or [Ping(time.time())]
+        if frames:
+            return frames
+        return None if time.monotonic() >= until else [Ping(time.time())]
 
     def wake(self) -> None:
         self._wake.set()

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import time
 
 from broker.asgi import ClientGone, Receive, Scope, Send, header, read_body
 from broker.errors import send_error
@@ -12,6 +13,7 @@ from wire import (
     MAX_FRAME_SIZE,
     SESSION_HEADER,
     Chunk,
+    Drain,
     End,
     Frame,
     FrameDecoder,
@@ -19,6 +21,7 @@ from wire import (
     Head,
     Hello,
     Ping,
+    Pong,
     Welcome,
     encode,
     encode_many,
@@ -38,15 +41,31 @@ def _remote(scope: Scope) -> str:
     return f"{client[0]}:{client[1]}" if client else "?"
 
 
-async def _refuse_token(send: Send, scope: Scope) -> None:
+async def _refuse_token(hub: Hub, send: Send, scope: Scope) -> None:
+    """401, after a delay that grows with the address's recent failures (guessing is slow)."""
+    client = scope.get("client")
+    delay = hub.auth_throttle.failed(client[0] if client else "?")
     log.warning("tunnel request with a bad token or session from %s", _remote(scope))
+    if delay:
+        await asyncio.sleep(delay)
     await send_error(send, 401, "invalid_token", "Unknown connector token or session.")
+
+
+async def _session(hub: Hub, scope: Scope, send: Send) -> Session | None:
+    spec = hub.connector_spec(header(scope, b"authorization"))
+    if spec is None:
+        await _refuse_token(hub, send, scope)
+        return None
+    session = hub.session_of(spec, header(scope, SESSION_HEADER.encode()))
+    if session is None:  # a valid token with a session this broker forgot: register again
+        await send_error(send, 401, "unknown_session", "Unknown or expired session; register again.")
+    return session
 
 
 async def register(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
     spec = hub.connector_spec(header(scope, b"authorization"))
     if spec is None:
-        await _refuse_token(send, scope)
+        await _refuse_token(hub, send, scope)
         return
     try:
         body = await read_body(receive, _HELLO_LIMIT)
@@ -68,24 +87,26 @@ async def register(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None
 
 
 async def poll(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
-    session = hub.session_for(header(scope, b"authorization"), header(scope, SESSION_HEADER.encode()))
+    session = await _session(hub, scope, send)
     if session is None:
-        await _refuse_token(send, scope)
         return
     generation = hub.poll_attached(session, "h2" if scope.get("http_version") == "2" else "http/1.1")
     await send({"type": "http.response.start", "status": 200, "headers": _FRAMES_HEADERS})
     lost = asyncio.Event()
     watcher = asyncio.ensure_future(_watch(receive, session, lost))
+    settings = hub.settings
+    until = time.monotonic() + settings.poll_lifetime
     # A first frame at once: some proxies hold the response head until body bytes flow.
-    frames: list[Frame] | None = [Ping(0.0)]
+    frames: list[Frame] | None = [Ping(time.time())]
     try:
         while frames is not None:
             await send({"type": "http.response.body", "body": encode_many(frames), "more_body": True})
             if lost.is_set():
                 break
-            frames = await session.next_frames(generation, hub.settings.ping_interval)
+            frames = await session.next_frames(generation, settings.ping_interval, until)
     finally:
         watcher.cancel()
+        session.detach_poll(generation)
     if lost.is_set():
         if generation == session.poll_generation:
             hub.drop(session, "tunnel lost")
@@ -102,9 +123,8 @@ async def _watch(receive: Receive, session: Session, lost: asyncio.Event) -> Non
 
 async def reply(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
     """One streamed body of reply frames; each goes to its exchange as it arrives."""
-    session = hub.session_for(header(scope, b"authorization"), header(scope, SESSION_HEADER.encode()))
+    session = await _session(hub, scope, send)
     if session is None:
-        await _refuse_token(send, scope)
         return
     decoder = FrameDecoder(MAX_FRAME_SIZE)
     unfinished: set[int] = set()
@@ -115,14 +135,20 @@ async def reply(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
             if message["type"] == "http.disconnect":
                 status = 0
                 break
+            session.touch()
             for frame in decoder.feed(message.get("body", b"")):
-                if not isinstance(frame, (Head, Chunk, End)):
+                if isinstance(frame, (Head, Chunk, End)):
+                    if session.deliver(frame):
+                        if isinstance(frame, End):
+                            unfinished.discard(frame.id)
+                        else:
+                            unfinished.add(frame.id)
+                elif isinstance(frame, Pong):
+                    hub.heartbeat(session, frame)
+                elif isinstance(frame, Drain):
+                    hub.retire(session, frame.reason)
+                else:
                     raise FrameError(f"unexpected {type(frame).__name__} frame in a reply")
-                if session.deliver(frame):
-                    if isinstance(frame, End):
-                        unfinished.discard(frame.id)
-                    else:
-                        unfinished.add(frame.id)
             if not message.get("more_body", False):
                 break
     except FrameError as exc:

@@ -23,14 +23,28 @@ async def run(argv: list[str]) -> int:
     status = Status(models=list(settings.models))
     llm = LLMClient(settings.llm_url)
     health = await serve_health(settings.health_port, status, settings.broker_url) if settings.health_port else None
-    main = asyncio.create_task(Tunnel(settings, llm, status).run())
+    tunnel = Tunnel(settings, llm, status)
+    main = asyncio.create_task(tunnel.run())
+    stopping: list[asyncio.Task[None]] = []
+
+    async def stop() -> None:
+        log.info("stopping: finishing the requests in flight")
+        await tunnel.drain()
+        main.cancel()
+
+    def on_signal() -> None:
+        if stopping:  # a second signal: leave now
+            main.cancel()
+        else:
+            stopping.append(asyncio.create_task(stop()))
+
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, main.cancel)
+        loop.add_signal_handler(signum, on_signal)
     try:
         await main
     except asyncio.CancelledError:
-        log.info("connector stopping")
+        log.info("connector stopped")
     finally:
         if health is not None:
             health.close()

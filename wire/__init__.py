@@ -12,9 +12,11 @@ from wire.endpoints import (
     SESSION_HEADER,
 )
 from wire.frames import (
+    INITIAL_CREDIT,
     PROTOCOL_VERSION,
     Cancel,
     Chunk,
+    Credit,
     Drain,
     End,
     ErrorKind,
@@ -23,6 +25,7 @@ from wire.frames import (
     Hello,
     Models,
     Ping,
+    Pong,
     Request,
     Welcome,
 )
@@ -30,6 +33,7 @@ from wire.framing import MAX_FRAME_SIZE, FrameDecoder, FrameError, encode, encod
 
 __all__ = [
     "FRAMES_CONTENT_TYPE",
+    "INITIAL_CREDIT",
     "MAX_FRAME_SIZE",
     "POLL_PATH",
     "PROTOCOL_VERSION",
@@ -38,6 +42,7 @@ __all__ = [
     "SESSION_HEADER",
     "Cancel",
     "Chunk",
+    "Credit",
     "Drain",
     "End",
     "ErrorKind",
@@ -48,6 +53,7 @@ __all__ = [
     "Hello",
     "Models",
     "Ping",
+    "Pong",
     "Request",
     "Welcome",
     "encode",

@@ -103,7 +103,11 @@ class Ping(_Frame, tag=8):
 
 
 class Drain(_Frame, tag=9):
-    """Broker → connector: this poll ends; finish replies and poll again (or reconnect)."""
+    """Either way: the sender is leaving; finish what is in flight, start nothing new.
+
+    Broker → connector (on the poll): reconnect, this broker is shutting down.
+    Connector → broker (in a reply body): stop routing to me, I leave when my replies end.
+    """
 
     reason: str
 
@@ -114,4 +118,24 @@ class Models(_Frame, tag=10):
     models: list[str]
 
 
-Frame = Hello | Welcome | Request | Head | Chunk | End | Cancel | Ping | Drain | Models
+class Credit(_Frame, tag=11):
+    """Broker → connector: the user consumed ``bytes`` more of this reply; send that much more.
+
+    Per-request flow control: a slow reader holds back its own reply at the connector,
+    never the broker's memory or the other replies sharing its connection.
+    """
+
+    id: int
+    bytes: int
+
+
+class Pong(_Frame, tag=12):
+    """Connector → broker heartbeat, echoing the last Ping's ``sent`` (0 before any)."""
+
+    ping_sent: float
+
+
+Frame = Hello | Welcome | Request | Head | Chunk | End | Cancel | Ping | Drain | Models | Credit | Pong
+
+# Bytes of reply body a connector may send ahead of the user's reading.
+INITIAL_CREDIT = 256 * 1024
