@@ -14,23 +14,62 @@ from broker.keys import parse_secret
 
 DEFAULT_MAX_CONCURRENT = 8
 
-# Broker settings a YAML file may carry besides keys and connectors (see settings.py).
-SETTING_KEYS = frozenset(
-    {
-        "host",
-        "port",
-        "certfile",
-        "keyfile",
-        "first_byte_timeout",
-        "idle_timeout",
-        "total_timeout",
-        "log_format",
-        "ping_interval",
-        "poll_lifetime",
-        "queue_timeout",
-        "max_body_size",
-    }
-)
+
+def _text(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("must be a non-empty string")
+    return value
+
+
+def _port(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError("must be a port number")
+    try:
+        port = int(value)
+    except ValueError:
+        raise ValueError("must be a port number") from None
+    if not 0 < port < 65536:
+        raise ValueError("must be a port number (1-65535)")
+    return port
+
+
+def _positive(kind: type[float] | type[int]) -> Any:
+    def convert(value: object) -> float | int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError("must be a positive number")
+        try:
+            number = kind(value)
+        except ValueError:
+            raise ValueError("must be a positive number") from None
+        if not number > 0:  # also refuses NaN
+            raise ValueError("must be a positive number")
+        return number
+
+    return convert
+
+
+def _log_format(value: object) -> str:
+    if value not in ("plain", "json"):
+        raise ValueError("must be plain or json")
+    return str(value)
+
+
+# Every broker setting a CLI flag, an environment variable or the YAML file may carry,
+# with the one function that validates it from any of the three.
+SETTINGS: dict[str, Any] = {
+    "host": _text,
+    "port": _port,
+    "certfile": _text,
+    "keyfile": _text,
+    "first_byte_timeout": _positive(float),
+    "idle_timeout": _positive(float),
+    "total_timeout": _positive(float),
+    "log_format": _log_format,
+    "ping_interval": _positive(float),
+    "poll_lifetime": _positive(float),
+    "queue_timeout": _positive(float),
+    "max_body_size": _positive(int),
+}
 _CONNECTOR_KEYS = frozenset({"name", "token", "llm_api_key", "models", "max_concurrent"})
 
 
@@ -57,20 +96,39 @@ class FileConfig:
 
 
 class _Map(dict[str, Any]):
+    """A YAML mapping that knows its line and the line of each value."""
+
     line = 0
+    lines: dict[str, int]
+
+
+class _Seq(list[Any]):
+    """A YAML sequence that knows the line of each item."""
+
+    line = 0
+    lines: list[int]
 
 
 class _LineLoader(yaml.SafeLoader):
-    """A safe loader whose mappings remember the line they start on."""
+    """A safe loader whose mappings and sequences remember where they stand."""
 
 
 def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> _Map:
     mapping = _Map({str(k): v for k, v in loader.construct_mapping(node, deep=True).items()})
     mapping.line = node.start_mark.line + 1
+    mapping.lines = {str(key.value): value.start_mark.line + 1 for key, value in node.value}
     return mapping
 
 
+def _construct_seq(loader: _LineLoader, node: yaml.SequenceNode) -> _Seq:
+    sequence = _Seq(loader.construct_sequence(node, deep=True))
+    sequence.line = node.start_mark.line + 1
+    sequence.lines = [item.start_mark.line + 1 for item in node.value]
+    return sequence
+
+
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_map)
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_seq)
 
 
 def load_file(path: str) -> FileConfig:
@@ -96,23 +154,30 @@ def parse(text: str, source: str = "<config>") -> FileConfig:
     def fail(line: int, message: str) -> ConfigError:
         return ConfigError(f"{source}:{line}: {message}")
 
-    unknown = set(doc) - SETTING_KEYS - {"user_api_keys", "connectors"}
+    unknown = [key for key in doc if key not in SETTINGS and key not in ("user_api_keys", "connectors")]
     if unknown:
-        raise fail(doc.line, f"unknown key(s): {', '.join(sorted(map(str, unknown)))}")
-    keys = doc.get("user_api_keys") or []
-    if not isinstance(keys, list):
-        raise fail(doc.line, "user_api_keys must be a list of strings")
-    digests = tuple(_secret(k, f"user_api_keys[{i}]", doc.line, fail) for i, k in enumerate(keys))
-    entries = doc.get("connectors") or []
-    if not isinstance(entries, list):
-        raise fail(doc.line, "connectors must be a list")
-    specs = tuple(_connector(entry, i, doc.line, fail) for i, entry in enumerate(entries))
+        raise fail(doc.lines[unknown[0]], f"unknown key(s): {', '.join(sorted(unknown))}")
+    settings = {}
+    for key in SETTINGS.keys() & doc.keys():
+        try:
+            settings[key] = SETTINGS[key](doc[key])
+        except ValueError as exc:
+            raise fail(doc.lines[key], f"{key} {exc}") from None
+    keys = doc.get("user_api_keys") or _Seq()
+    if not isinstance(keys, _Seq):
+        raise fail(doc.lines["user_api_keys"], "user_api_keys must be a list of strings")
+    digests = tuple(_secret(k, f"user_api_keys[{i}]", keys.lines[i], fail) for i, k in enumerate(keys))
+    entries = doc.get("connectors") or _Seq()
+    if not isinstance(entries, _Seq):
+        raise fail(doc.lines["connectors"], "connectors must be a list")
+    specs = tuple(_connector(entry, i, entries.lines[i], fail) for i, entry in enumerate(entries))
     seen: dict[bytes, str] = {}
-    for spec in specs:
+    for index, spec in enumerate(specs):
         if spec.token_digest in seen:
-            raise fail(doc.line, f"connectors {seen[spec.token_digest]!r} and {spec.name!r} share a token")
+            message = f"connectors {seen[spec.token_digest]!r} and {spec.name!r} share a token"
+            raise fail(entries.lines[index], message)
         seen[spec.token_digest] = spec.name
-    return FileConfig(digests, specs, {k: doc[k] for k in SETTING_KEYS & set(doc)})
+    return FileConfig(digests, specs, settings)
 
 
 def _secret(value: object, what: str, line: int, fail: Any) -> bytes:
@@ -127,7 +192,6 @@ def _secret(value: object, what: str, line: int, fail: Any) -> bytes:
 def _connector(entry: object, index: int, line: int, fail: Any) -> ConnectorSpec:
     if not isinstance(entry, _Map):
         raise fail(line, f"connectors[{index}] must be a mapping")
-    line = entry.line
     unknown = set(entry) - _CONNECTOR_KEYS
     if unknown:
         raise fail(line, f"connectors[{index}]: unknown key(s): {', '.join(sorted(map(str, unknown)))}")

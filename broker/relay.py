@@ -46,7 +46,7 @@ _HOP_RESPONSE = frozenset(
         "x-request-id",
     ]
 )
-# Credit is returned in steps of half the window: one frame per 128 KiB the user reads.
+# Credit is returned in steps of half the window: one frame per 64 KiB the user reads.
 CREDIT_STEP = INITIAL_CREDIT // 2
 Headers = Sequence[tuple[bytes, bytes]]
 _NO_BUFFERING = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]

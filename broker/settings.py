@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from argparse_dataclass import ArgumentParser
 
-from broker.config import ConfigError, ConnectorSpec, load_file
+from broker.config import SETTINGS, ConfigError, ConnectorSpec, load_file
 from broker.keys import parse_secret
 
 LogFormat = Literal["plain", "json"]
@@ -98,16 +98,6 @@ _ENV = {
     "queue_timeout": "REMOTELLM_QUEUE_TIMEOUT",
     "max_body_size": "REMOTELLM_MAX_BODY_SIZE",
 }
-_CONVERT: dict[str, Any] = {
-    "port": int,
-    "first_byte_timeout": float,
-    "idle_timeout": float,
-    "total_timeout": float,
-    "ping_interval": float,
-    "poll_lifetime": float,
-    "queue_timeout": float,
-    "max_body_size": int,
-}
 
 
 def resolve(args: BrokerArgs | None, env: Mapping[str, str]) -> Settings:
@@ -117,21 +107,13 @@ def resolve(args: BrokerArgs | None, env: Mapping[str, str]) -> Settings:
     file = load_file(config_path) if config_path else None
     values: dict[str, Any] = dict(file.settings) if file else {}
     for name, var in _ENV.items():
-        if env.get(var):
-            values[name] = env[var]
-    for name in _ENV:
-        if getattr(args, name) is not None:
-            values[name] = getattr(args, name)
-    for name, convert in _CONVERT.items():
-        if name in values:
+        for source, value in ((var, env.get(var)), (f"--{name.replace('_', '-')}", getattr(args, name))):
+            if value is None or value == "":
+                continue
             try:
-                values[name] = convert(values[name])
-            except (TypeError, ValueError):
-                raise ConfigError(f"{name}: not a number: {values[name]!r}") from None
-            if values[name] <= 0 or (name == "port" and values[name] > 65535):
-                raise ConfigError(f"{name}: out of range: {values[name]!r}")
-    if values.get("log_format", "plain") not in ("plain", "json"):
-        raise ConfigError(f"log_format must be plain or json, not {values['log_format']!r}")
+                values[name] = SETTINGS[name](value)
+            except ValueError as exc:
+                raise ConfigError(f"{name} ({source}) {exc}: {value!r}") from None
     if bool(values.get("certfile")) != bool(values.get("keyfile")):
         raise ConfigError("certfile and keyfile go together")
 

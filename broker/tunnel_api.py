@@ -23,6 +23,7 @@ from wire import (
     Ping,
     Pong,
     Welcome,
+    decode_all,
     encode,
     encode_many,
 )
@@ -69,7 +70,7 @@ async def register(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None
         return
     try:
         body = await read_body(receive, _HELLO_LIMIT)
-        frames = FrameDecoder().feed(body or b"")
+        frames = decode_all(body or b"", _HELLO_LIMIT)
     except (ClientGone, FrameError):
         frames = []
     if len(frames) != 1 or not isinstance(frames[0], Hello):
@@ -150,6 +151,7 @@ async def reply(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
                 else:
                     raise FrameError(f"unexpected {type(frame).__name__} frame in a reply")
             if not message.get("more_body", False):
+                decoder.finish()
                 break
     except FrameError as exc:
         log.warning("connector %s sent a bad reply: %s", session.name, exc)

@@ -5,6 +5,7 @@ and hypercorn ends a connection after 1000 requests by default; so replies sprea
 a small pool of connections, and each connection retires well before either limit.
 """
 
+import asyncio
 import ssl
 
 import httpx
@@ -15,6 +16,7 @@ STREAMS_PER_LINK = 90  # below httpx's (and hypercorn's default) 100 streams
 REQUESTS_PER_LINK = 800  # below hypercorn's default keep_alive_max_requests of 1000
 CONNECT_TIMEOUT = 10.0
 WRITE_TIMEOUT = 30.0
+WARM_UP_PATH = "/health"
 
 
 def make_client(settings: Settings, read_timeout: float | None) -> httpx.AsyncClient:
@@ -35,12 +37,27 @@ def make_client(settings: Settings, read_timeout: float | None) -> httpx.AsyncCl
 
 
 class Link:
-    __slots__ = ("active", "client", "used")
+    __slots__ = ("active", "client", "ready", "used")
 
     def __init__(self, client: httpx.AsyncClient) -> None:
         self.client = client
         self.active = 0
         self.used = 0
+        self.ready = asyncio.Event()
+
+    async def warm_up(self, url: str) -> None:
+        """One short request before any long one.
+
+        httpcore allows a single stream on a new HTTP/2 connection until it has read the
+        server's SETTINGS; a reply POST whose body is still streaming reads nothing, so
+        every other request on that connection would wait for it to end.
+        """
+        try:
+            await self.client.get(url)
+        except httpx.HTTPError:
+            pass  # the requests that follow fail on their own, with their own errors
+        finally:
+            self.ready.set()
 
     @property
     def retired(self) -> bool:
@@ -53,16 +70,25 @@ class LinkPool:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._links: list[Link] = []
+        self._warming: set[asyncio.Task[None]] = set()
 
-    def acquire(self) -> Link:
+    async def acquire(self) -> Link:
         usable = [link for link in self._links if not link.retired and link.active < STREAMS_PER_LINK]
         if usable:
             link = min(usable, key=lambda candidate: candidate.active)
         else:
             link = Link(make_client(self._settings, read_timeout=None))
             self._links.append(link)
+            warming = asyncio.create_task(link.warm_up(self._settings.broker_url + WARM_UP_PATH))
+            self._warming.add(warming)
+            warming.add_done_callback(self._warming.discard)
         link.active += 1
         link.used += 1
+        try:
+            await link.ready.wait()
+        except BaseException:
+            link.active -= 1
+            raise
         return link
 
     async def release(self, link: Link) -> None:
@@ -72,6 +98,8 @@ class LinkPool:
             await link.client.aclose()
 
     async def aclose(self) -> None:
+        for task in self._warming:
+            task.cancel()
         links, self._links = self._links, []
         for link in links:
             await link.client.aclose()

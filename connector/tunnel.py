@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from connector import __version__
-from connector.links import Link, LinkPool, make_client
+from connector.links import LinkPool, make_client
 from connector.llm import LLMClient
 from connector.settings import Settings
 from wire import (
@@ -43,6 +43,7 @@ from wire import (
     Pong,
     Request,
     Welcome,
+    decode_all,
     encode,
     encode_many,
 )
@@ -106,6 +107,9 @@ class Tunnel:
             except (httpx.HTTPError, FrameError, OSError) as exc:
                 self.status.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("tunnel down: %s", self.status.last_error)
+            except Exception as exc:  # a bug must not end the connector: log it and reconnect
+                self.status.last_error = f"internal error: {type(exc).__name__}"
+                log.exception("tunnel failed unexpectedly")
             finally:
                 self.status.connected = False
                 self._current = None
@@ -138,7 +142,7 @@ class Tunnel:
             )
         if response.status_code != 200:
             raise Refused(f"register answered {response.status_code}: {_error_message(response)}")
-        frames = FrameDecoder().feed(response.content)
+        frames = decode_all(response.content)
         if len(frames) != 1 or not isinstance(frames[0], Welcome):
             raise FrameError("register did not answer with a Welcome frame")
         return frames[0]
@@ -206,7 +210,7 @@ class _Session:
 
     async def send_frames(self, *frames: Frame) -> None:
         """A short reply body of its own: a heartbeat or a goodbye."""
-        link = self.links.acquire()
+        link = await self.links.acquire()
         try:
             await link.client.post(
                 self.settings.broker_url + REPLY_PATH,
@@ -239,8 +243,7 @@ class _Session:
             async for data in response.aiter_raw():
                 for frame in decoder.feed(data):
                     self._dispatch(frame)
-            if decoder.pending:
-                raise FrameError("the poll ended inside a frame")
+            decoder.finish()
 
     def _dispatch(self, frame: Frame) -> None:
         if isinstance(frame, Request):
@@ -268,8 +271,7 @@ class _Session:
         """Replay one request on the LLM; stream its answer back on a reply POST."""
         outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
         window = self.windows[request.id] = _Window()
-        link = self.links.acquire()
-        upload = asyncio.create_task(self._upload(link, outbox))
+        upload = asyncio.create_task(self._upload(outbox))
         try:
             await self._call_llm(request, outbox, window)
         except asyncio.CancelledError:
@@ -281,7 +283,6 @@ class _Session:
                 await asyncio.wait_for(upload, UPLOAD_GRACE)
             except (TimeoutError, httpx.HTTPError, OSError) as exc:
                 log.debug("reply %d was not delivered: %r", request.id, exc)
-            await self.links.release(link)
 
     async def _call_llm(self, request: Request, outbox: "asyncio.Queue[bytes | None]", window: _Window) -> None:
         error: ErrorKind | None = None
@@ -303,7 +304,7 @@ class _Session:
         if error:
             log.warning("request %d: %s (%s)", request.id, error, detail)
 
-    async def _upload(self, link: Link, outbox: "asyncio.Queue[bytes | None]") -> None:
+    async def _upload(self, outbox: "asyncio.Queue[bytes | None]") -> None:
         async def body() -> AsyncIterator[bytes]:
             while True:
                 parts = [await outbox.get()]
@@ -314,11 +315,15 @@ class _Session:
                 if done:
                     return
 
-        response = await link.client.post(
-            self.settings.broker_url + REPLY_PATH,
-            content=body(),
-            headers={**self.headers, "content-type": FRAMES_CONTENT_TYPE},
-        )
+        link = await self.links.acquire()
+        try:
+            response = await link.client.post(
+                self.settings.broker_url + REPLY_PATH,
+                content=body(),
+                headers={**self.headers, "content-type": FRAMES_CONTENT_TYPE},
+            )
+        finally:
+            await self.links.release(link)
         if response.status_code >= 300:
             log.warning("broker refused a reply: %s", response.status_code)
 

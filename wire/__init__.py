@@ -29,7 +29,7 @@ from wire.frames import (
     Request,
     Welcome,
 )
-from wire.framing import MAX_FRAME_SIZE, FrameDecoder, FrameError, encode, encode_many
+from wire.framing import MAX_FRAME_SIZE, FrameDecoder, FrameError, decode_all, encode, encode_many
 
 __all__ = [
     "FRAMES_CONTENT_TYPE",
@@ -56,6 +56,7 @@ __all__ = [
     "Pong",
     "Request",
     "Welcome",
+    "decode_all",
     "encode",
     "encode_many",
 ]

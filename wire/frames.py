@@ -138,4 +138,4 @@ class Pong(_Frame, tag=12):
 Frame = Hello | Welcome | Request | Head | Chunk | End | Cancel | Ping | Drain | Models | Credit | Pong
 
 # Bytes of reply body a connector may send ahead of the user's reading.
-INITIAL_CREDIT = 256 * 1024
+INITIAL_CREDIT = 128 * 1024

@@ -39,21 +39,35 @@ def encode_many(frames: Iterable[Frame]) -> bytes:
 
 
 class FrameDecoder:
-    """Feed it byte slices as they arrive; it returns the frames they complete."""
+    """Feed it byte slices as they arrive; it returns the frames they complete.
 
-    __slots__ = ("_buf", "_max", "_pos")
+    Once the stream turns out to be invalid, ``feed`` raises FrameError — after first
+    returning the valid frames that came before the fault, so none of them is lost.
+    """
+
+    __slots__ = ("_buf", "_error", "_max", "_pos")
 
     def __init__(self, max_frame_size: int = MAX_FRAME_SIZE) -> None:
         self._buf = bytearray()
         self._pos = 0
         self._max = max_frame_size
+        self._error: FrameError | None = None
 
     @property
     def pending(self) -> int:
         """Bytes received but not yet part of a whole frame (non-zero at EOF = truncated)."""
         return len(self._buf) - self._pos
 
+    def finish(self) -> None:
+        """At the end of the stream: raise if it was invalid or stopped inside a frame."""
+        if self._error is not None:
+            raise self._error
+        if self.pending:
+            raise FrameError(f"the stream ended inside a frame ({self.pending} bytes left)")
+
     def feed(self, data: bytes) -> list[Frame]:
+        if self._error is not None:
+            raise self._error
         buf = self._buf
         if self._pos and self._pos == len(buf):
             buf.clear()
@@ -73,9 +87,13 @@ class FrameDecoder:
                 start = pos + _PREFIX
                 try:
                     frames.append(_decoder.decode(view[start : start + size]))
-                except msgspec.DecodeError as exc:
+                except (msgspec.DecodeError, UnicodeDecodeError) as exc:
                     raise FrameError(f"undecodable frame: {exc}") from None
                 pos = start + size
+        except FrameError as exc:
+            self._error = exc
+            if not frames:
+                raise
         finally:
             view.release()
         if pos > 65536 and pos * 2 > end:
@@ -83,3 +101,11 @@ class FrameDecoder:
             pos = 0
         self._pos = pos
         return frames
+
+
+def decode_all(data: bytes, max_frame_size: int = MAX_FRAME_SIZE) -> list[Frame]:
+    """Every frame of a complete body; FrameError if any byte of it is not a valid frame."""
+    decoder = FrameDecoder(max_frame_size)
+    frames = decoder.feed(data)
+    decoder.finish()
+    return frames

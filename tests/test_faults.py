@@ -1,0 +1,324 @@
+"""Reliability under faults: every request gets one clear outcome, and the bridge heals.
+
+Brokers here ping every 0.5 s, so a silent connector is dropped within about 2 s.
+"""
+
+import asyncio
+import signal
+import socket
+import time
+
+import httpx
+import pytest
+
+from tests.support import Stack, free_port, wait_until
+from wire import (
+    REGISTER_PATH,
+    REPLY_PATH,
+    SESSION_HEADER,
+    Chunk,
+    End,
+    FrameDecoder,
+    Head,
+    Hello,
+    Welcome,
+    encode,
+    encode_many,
+)
+
+USER = {"authorization": "Bearer sk-user"}
+FAST = {"REMOTELLM_PING_INTERVAL": "0.5"}
+CONFIG = """
+connectors:
+  - name: one
+    token: tok-one
+    max_concurrent: 200
+  - name: two
+    token: tok-two
+    max_concurrent: 200
+"""
+
+
+def body(stream: bool = False, **fake: object) -> dict[str, object]:
+    return {"model": "m", "messages": [], "stream": stream, "fake": fake}
+
+
+def fake_state(llm: str) -> dict[str, object]:
+    state: dict[str, object] = httpx.get(llm + "/_fake/state").json()
+    return state
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_a_frozen_connector_is_dropped_and_recovers(stack: Stack) -> None:
+    broker = stack.broker(CONFIG, env=FAST)
+    llm = stack.llm("m")
+    connector = stack.connector(broker.url, "tok-one", llm, "m")
+    broker.wait_models("m")
+    connector.signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        wait_until(lambda: broker.health()["connectors"] == 0, timeout=5, what="the broker to drop it")
+        assert time.monotonic() - started < 3
+        resp = httpx.post(broker.url + "/v1/chat/completions", json=body(), headers=USER)
+        assert resp.status_code == 503
+    finally:
+        connector.signal(signal.SIGCONT)
+    broker.wait_models("m", connectors=1, timeout=15)
+    assert httpx.post(broker.url + "/v1/chat/completions", json=body(), headers=USER).status_code == 200
+
+
+def test_failover_before_the_head_goes_to_another_connector(stack: Stack) -> None:
+    broker = stack.broker(CONFIG, env=FAST)
+    llms = {name: stack.llm("m", name=f"llm-{name}") for name in ("one", "two")}
+    connectors = {name: stack.connector(broker.url, f"tok-{name}", llms[name], "m", name=name) for name in llms}
+    broker.wait_models("m", connectors=2)
+
+    async def scenario() -> httpx.Response:
+        async with httpx.AsyncClient(timeout=15) as client:
+            pending = asyncio.create_task(
+                client.post(broker.url + "/v1/chat/completions", json=body(head_delay_ms=1500), headers=USER)
+            )
+            first = await asyncio.to_thread(
+                wait_until,
+                lambda: next((n for n, url in llms.items() if fake_state(url)["requests"]), None),
+                5,
+                what="the request to reach an LLM",
+            )
+            connectors[first].kill()
+            return await pending
+
+    resp = asyncio.run(scenario())
+    assert resp.status_code == 200
+    survivor = "two" if resp.headers["x-fake-llm"] == "llm-two" else "one"
+    assert connectors[survivor].alive
+    assert "retrying on" in broker.proc.log()
+
+
+def test_llm_killed_mid_stream_cuts_the_stream(stack: Stack) -> None:
+    broker = stack.broker(CONFIG, env=FAST)
+    stack.connector(broker.url, "tok-one", stack.llm("m"), "m")
+    broker.wait_models("m")
+    payload = body(stream=True, chunks=50, delay_ms=10, die_after=5)
+    with httpx.stream("POST", broker.url + "/v1/chat/completions", json=payload, headers=USER) as resp:
+        assert resp.status_code == 200
+        with pytest.raises(httpx.RemoteProtocolError):
+            resp.read()
+    assert httpx.post(broker.url + "/v1/chat/completions", json=body(), headers=USER).status_code == 200
+
+
+def test_broker_restart_mid_stream(stack: Stack) -> None:
+    port = free_port()
+    broker = stack.broker(CONFIG, env=FAST, port=port)
+    stack.connector(broker.url, "tok-one", stack.llm("m"), "m")
+    broker.wait_models("m")
+    payload = body(stream=True, chunks=100, delay_ms=50)
+    with httpx.stream("POST", broker.url + "/v1/chat/completions", json=payload, headers=USER) as resp:
+        lines = resp.iter_lines()
+        assert next(lines).startswith("data:")
+        broker.proc.kill()
+        with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
+            for _ in lines:
+                pass
+    again = stack.broker(CONFIG, env=FAST, port=port, name="broker-again")
+    again.wait_models("m", timeout=20)
+    assert httpx.post(again.url + "/v1/chat/completions", json=body(), headers=USER).status_code == 200
+
+
+def test_polls_are_recycled_without_losing_requests(stack: Stack) -> None:
+    broker = stack.broker(CONFIG, env={**FAST, "REMOTELLM_POLL_LIFETIME": "0.3"})
+    stack.connector(broker.url, "tok-one", stack.llm("m"), "m")
+    broker.wait_models("m")
+
+    async def traffic() -> list[int]:
+        async with httpx.AsyncClient(timeout=10, headers=USER) as client:
+            url = broker.url + "/v1/chat/completions"
+            deadline = time.monotonic() + 4
+            statuses: list[int] = []
+            while time.monotonic() < deadline:
+                batch = [client.post(url, json=body(stream=i % 2 == 0, chunks=5, delay_ms=20)) for i in range(8)]
+                statuses += [r.status_code for r in await asyncio.gather(*batch)]
+            return statuses
+
+    statuses = asyncio.run(traffic())
+    assert len(statuses) > 50
+    assert set(statuses) == {200}
+    assert "dropped" not in broker.proc.log()
+
+
+def test_slow_readers_hold_back_only_themselves(stack: Stack) -> None:
+    """100 users who never read: the broker's memory stays flat, a fast stream keeps its pace."""
+    broker = stack.broker(CONFIG, env=FAST, via="module")
+    llm = stack.llm("m")
+    connector = stack.connector(broker.url, "tok-one", llm, "m")
+    broker.wait_models("m")
+    url = broker.url + "/v1/chat/completions"
+
+    def fast_stream_seconds() -> float:
+        started = time.monotonic()
+        with httpx.stream("POST", url, json=body(stream=True, chunks=3000), headers=USER, timeout=30) as resp:
+            assert resp.read().endswith(b"data: [DONE]\n\n")
+        return time.monotonic() - started
+
+    baseline = fast_stream_seconds()
+    broker_before, connector_before = rss_kib(broker.proc.pid), rss_kib(connector.pid)
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-user\r\n"
+        b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+    )
+    # Large answers: unbounded buffering would keep most of 800 MB in the broker.
+    payload = b'{"model": "m", "fake": {"bytes": 8000000}}'
+    port = int(broker.url.rsplit(":", 1)[1])
+    sockets = []
+    try:
+        for _ in range(100):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(request % (len(payload), payload))
+            sockets.append(sock)
+        wait_until(lambda: fake_state(llm)["requests"] == 101, timeout=20, what="100 slow requests")
+        time.sleep(2)
+        broker_growth = rss_kib(broker.proc.pid) - broker_before
+        connector_growth = rss_kib(connector.pid) - connector_before
+        with_slow = fast_stream_seconds()
+    finally:
+        for sock in sockets:
+            sock.close()
+    print(f"fast stream {baseline:.2f} s alone, {with_slow:.2f} s beside 100 slow readers; "
+          f"RSS growth broker {broker_growth} KiB, connector {connector_growth} KiB")  # fmt: skip
+    assert broker_growth < 64 * 1024
+    assert connector_growth < 64 * 1024
+    assert with_slow < 3 * baseline + 1.5
+    wait_until(lambda: broker.health()["connectors"] == 1, timeout=10, what="the broker to be healthy")
+
+
+def test_sigterm_on_the_connector_finishes_its_requests(stack: Stack) -> None:
+    broker = stack.broker(CONFIG, env=FAST)
+    connector = stack.connector(broker.url, "tok-one", stack.llm("m"), "m")
+    broker.wait_models("m")
+    payload = body(stream=True, chunks=20, delay_ms=100)
+    with httpx.stream("POST", broker.url + "/v1/chat/completions", json=payload, headers=USER, timeout=10) as resp:
+        lines = resp.iter_lines()
+        assert next(lines).startswith("data:")
+        connector.signal(signal.SIGTERM)
+        wait_until(lambda: broker.health()["connectors"] == 0, timeout=2, what="routing to stop at once")
+        rest = list(lines)
+    assert "data: [DONE]" in rest
+    assert connector.popen.wait(10) == 0
+    assert httpx.post(broker.url + "/v1/chat/completions", json=body(), headers=USER).status_code == 503
+
+
+def test_sigterm_on_the_broker_drains_streams_and_connectors(stack: Stack) -> None:
+    port = free_port()
+    broker = stack.broker(CONFIG, env=FAST, via="module", port=port)
+    connector = stack.connector(broker.url, "tok-one", stack.llm("m"), "m")
+    broker.wait_models("m")
+    payload = body(stream=True, chunks=20, delay_ms=100)
+    with httpx.stream("POST", broker.url + "/v1/chat/completions", json=payload, headers=USER, timeout=10) as resp:
+        lines = resp.iter_lines()
+        assert next(lines).startswith("data:")
+        broker.proc.signal(signal.SIGTERM)
+        rest = list(lines)
+    assert "data: [DONE]" in rest
+    assert broker.proc.popen.wait(10) == 0
+    assert "broker asks to drain" in connector.log()
+    again = stack.broker(CONFIG, env=FAST, port=port, name="broker-again")
+    again.wait_models("m", timeout=20)
+
+
+def register(url: str, token: str, *models: str) -> str:
+    resp = httpx.post(
+        url + REGISTER_PATH,
+        content=encode(Hello("rogue", "0", list(models))),
+        headers={"authorization": f"Bearer {token}"},
+    )
+    assert resp.status_code == 200
+    (welcome,) = FrameDecoder().feed(resp.content)
+    assert isinstance(welcome, Welcome)
+    return welcome.session
+
+
+def test_a_connector_cannot_answer_another_connectors_request(stack: Stack) -> None:
+    broker = stack.broker(CONFIG, env=FAST)
+    llm = stack.llm("m")
+    stack.connector(broker.url, "tok-one", llm, "m")
+    broker.wait_models("m")
+    session = register(broker.url, "tok-two", "other")
+
+    async def scenario() -> httpx.Response:
+        async with httpx.AsyncClient(timeout=10) as client:
+            pending = asyncio.create_task(
+                client.post(broker.url + "/v1/chat/completions", json=body(head_delay_ms=800), headers=USER)
+            )
+            await asyncio.sleep(0.3)
+            forged = encode_many(
+                [Head(i, 200, [("x-forged", "yes")]) for i in range(1, 200)]
+                + [Chunk(i, b"forged") for i in range(1, 200)]
+                + [End(i) for i in range(1, 200)]
+            )
+            headers = {"authorization": "Bearer tok-two", SESSION_HEADER: session}
+            reply = await client.post(broker.url + REPLY_PATH, content=forged, headers=headers)
+            assert reply.status_code == 204
+            return await pending
+
+    resp = asyncio.run(scenario())
+    assert resp.status_code == 200
+    assert "x-forged" not in resp.headers
+    assert b"forged" not in resp.content
+
+
+def test_garbage_in_the_tunnel_is_refused_and_the_broker_serves_on(stack: Stack) -> None:
+    broker = stack.broker(CONFIG, env=FAST)
+    stack.connector(broker.url, "tok-one", stack.llm("m"), "m")
+    broker.wait_models("m")
+    session = register(broker.url, "tok-two", "other")
+    headers = {"authorization": "Bearer tok-two", SESSION_HEADER: session}
+    for garbage in (b"\x00\x00\x00\x05\xc1\xc1\xc1\xc1\xc1", b"\xff\xff\xff\xff", encode(Hello("x", "0", []))):
+        resp = httpx.post(broker.url + REPLY_PATH, content=garbage, headers=headers)
+        assert resp.status_code == 400
+        assert resp.json()["error"]["code"] == "invalid_frames"
+    assert httpx.post(broker.url + REGISTER_PATH, content=b"junk", headers=headers).status_code == 400
+    huge = {"x-big": "a" * 100_000, **USER}
+    assert httpx.post(broker.url + "/v1/chat/completions", json=body(), headers=huge).status_code >= 400
+    assert httpx.post(broker.url + "/v1/chat/completions", json=body(), headers=USER).status_code == 200
+
+
+def test_repeated_bad_tokens_are_slowed_down(stack: Stack) -> None:
+    broker = stack.broker(CONFIG)
+    timings = []
+    for _ in range(8):
+        started = time.monotonic()
+        resp = httpx.post(
+            broker.url + REGISTER_PATH, content=encode(Hello("x", "0", [])), headers={"authorization": "Bearer guess"}
+        )
+        assert resp.status_code == 401
+        timings.append(time.monotonic() - started)
+    assert max(timings[:5]) < 0.2
+    assert timings[-1] >= 0.9  # 0.25 s, 0.5 s, then 1 s
+    # A good token from the same address is not delayed.
+    started = time.monotonic()
+    register(broker.url, "tok-one", "m")
+    assert time.monotonic() - started < 0.2
+
+
+def test_total_timeout_ends_a_long_stream(stack: Stack) -> None:
+    broker = stack.broker(CONFIG, env={**FAST, "REMOTELLM_TOTAL_TIMEOUT": "1.5"})
+    llm = stack.llm("m")
+    stack.connector(broker.url, "tok-one", llm, "m")
+    broker.wait_models("m")
+    payload = body(stream=True, chunks=100, delay_ms=100)
+    started = time.monotonic()
+    with httpx.stream("POST", broker.url + "/v1/chat/completions", json=payload, headers=USER) as resp:
+        assert resp.status_code == 200
+        with pytest.raises(httpx.RemoteProtocolError):
+            resp.read()
+    assert 1.4 < time.monotonic() - started < 3
+    wait_until(lambda: fake_state(llm)["cancelled"] == 1, timeout=5, what="the cancel to reach the LLM")
+    resp = httpx.post(broker.url + "/v1/chat/completions", json=body(head_delay_ms=3000), headers=USER)
+    assert resp.status_code == 504
