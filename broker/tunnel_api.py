@@ -11,7 +11,9 @@ from broker.tunnel import Session
 from wire import (
     FRAMES_CONTENT_TYPE,
     MAX_FRAME_SIZE,
+    PARTIAL_HEADER,
     SESSION_HEADER,
+    SHORT_POLL_QUERY,
     Chunk,
     Drain,
     End,
@@ -35,6 +37,7 @@ _FRAMES_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 _HELLO_LIMIT = 1024 * 1024
+SHORT_POLL_WAIT = 5.0  # an idle short poll returns after this long (or the ping interval)
 
 
 def _remote(scope: Scope) -> str:
@@ -91,7 +94,11 @@ async def poll(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
     session = await _session(hub, scope, send)
     if session is None:
         return
-    generation = hub.poll_attached(session, "h2" if scope.get("http_version") == "2" else "http/1.1")
+    protocol = "h2" if scope.get("http_version") == "2" else "http/1.1"
+    if scope.get("query_string", b"").decode("latin-1") == SHORT_POLL_QUERY:
+        await _short_poll(hub, session, send, protocol)
+        return
+    generation = hub.poll_attached(session, protocol)
     await send({"type": "http.response.start", "status": 200, "headers": _FRAMES_HEADERS})
     lost = asyncio.Event()
     watcher = asyncio.ensure_future(_watch(receive, session, lost))
@@ -113,6 +120,19 @@ async def poll(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
             hub.drop(session, "tunnel lost")
     else:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _short_poll(hub: Hub, session: Session, send: Send, protocol: str) -> None:
+    """A poll that returns as soon as it has frames, for paths that buffer whole responses."""
+    generation = hub.poll_attached(session, protocol + " short-poll")
+    wait = min(hub.settings.ping_interval, SHORT_POLL_WAIT)
+    try:
+        frames = await session.next_frames(generation, wait, time.monotonic() + wait)
+    finally:
+        session.detach_poll(generation)
+    body = encode_many(frames or [Ping(time.time())])
+    await send({"type": "http.response.start", "status": 200, "headers": _FRAMES_HEADERS})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 async def _watch(receive: Receive, session: Session, lost: asyncio.Event) -> None:
@@ -156,8 +176,9 @@ async def reply(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
     except FrameError as exc:
         log.warning("connector %s sent a bad reply: %s", session.name, exc)
         status = 400
-    for request_id in unfinished:
-        session.interrupt(request_id, "connector_lost")
+    if status != 204 or header(scope, PARTIAL_HEADER.encode()) is None:
+        for request_id in unfinished:
+            session.interrupt(request_id, "connector_lost")
     if status == 400:
         await send_error(send, 400, "invalid_frames", "The reply body is not a valid frame stream.")
     elif status:

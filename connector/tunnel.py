@@ -17,16 +17,18 @@ from dataclasses import dataclass, field
 import httpx
 
 from connector import __version__
-from connector.links import LinkPool, make_client
+from connector.links import LinkPool, make_client, speaks_h2c
 from connector.llm import LLMClient
 from connector.settings import Settings
 from wire import (
     FRAMES_CONTENT_TYPE,
     INITIAL_CREDIT,
+    PARTIAL_HEADER,
     POLL_PATH,
     REGISTER_PATH,
     REPLY_PATH,
     SESSION_HEADER,
+    SHORT_POLL_QUERY,
     Cancel,
     Chunk,
     Credit,
@@ -57,10 +59,16 @@ MISSED_PINGS = 3  # a poll silent for this many ping intervals is dead
 UPLOAD_GRACE = 10.0  # how long a finished reply may take to leave
 DRAIN_TIMEOUT = 30.0  # how long replies in flight may run on when a session ends gracefully
 POLLS_PER_LINK = 50  # a poll connection is replaced long before any server's request limit
+FIRST_FRAME_TIMEOUT = 5.0  # the broker writes a poll's first frame at once
+BATCH_INTERVAL = 0.05  # with short polls, reply frames leave in batches this far apart
 
 
 class Refused(Exception):
     """The broker answered, and said no."""
+
+
+class Buffered(Exception):
+    """The path to the broker buffers responses: start over with short polls."""
 
 
 @dataclass
@@ -88,6 +96,9 @@ class Tunnel:
         self.auth = {"authorization": f"Bearer {settings.token}"}
         self._current: _Session | None = None
         self._winding_down: set[asyncio.Task[None]] = set()
+        # How the path to the broker behaves; each flag only ever moves to the safe side.
+        self.http2 = not settings.broker_url.startswith("http://") or speaks_h2c(settings)
+        self.short_polls = False
 
     async def run(self) -> None:
         attempt = 0
@@ -95,7 +106,8 @@ class Tunnel:
             started = time.monotonic()
             session = None
             try:
-                session = self._current = _Session(self, await self._register())
+                welcome, http2 = await self._register()
+                session = self._current = _Session(self, welcome, http2)
                 await session.serve()
                 # The broker is draining: its replies finish in the background, we move on.
                 task = asyncio.create_task(session.finish(DRAIN_TIMEOUT))
@@ -104,6 +116,8 @@ class Tunnel:
             except Refused as exc:
                 self.status.last_error = str(exc)
                 log.error("broker refused this connector: %s", exc)
+            except Buffered:
+                attempt = -1  # not a failure of the broker: come back at once
             except (httpx.HTTPError, FrameError, OSError) as exc:
                 self.status.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("tunnel down: %s", self.status.last_error)
@@ -132,20 +146,27 @@ class Tunnel:
         if self._winding_down:
             await asyncio.wait(self._winding_down, timeout=DRAIN_TIMEOUT)
 
-    async def _register(self) -> Welcome:
+    async def _register(self) -> tuple[Welcome, bool]:
+        """The session, and whether HTTP/2 carries it."""
         hello = Hello(self.connector_id, __version__, list(self.settings.models))
-        async with make_client(self.settings, read_timeout=30.0) as client:
-            response = await client.post(
-                self.settings.broker_url + REGISTER_PATH,
-                content=encode(hello),
-                headers={**self.auth, "content-type": FRAMES_CONTENT_TYPE},
-            )
+        try:
+            async with make_client(self.settings, http2=self.http2, read_timeout=30.0) as client:
+                response = await client.post(
+                    self.settings.broker_url + REGISTER_PATH,
+                    content=encode(hello),
+                    headers={**self.auth, "content-type": FRAMES_CONTENT_TYPE},
+                )
+        except httpx.RemoteProtocolError:
+            if self.http2 and self.settings.broker_url.startswith("http://"):
+                log.warning("cleartext HTTP/2 refused on the way to the broker: falling back to HTTP/1.1")
+                self.http2 = False
+            raise
         if response.status_code != 200:
             raise Refused(f"register answered {response.status_code}: {_error_message(response)}")
         frames = decode_all(response.content)
         if len(frames) != 1 or not isinstance(frames[0], Welcome):
             raise FrameError("register did not answer with a Welcome frame")
-        return frames[0]
+        return frames[0], response.http_version == "HTTP/2"
 
 
 class _Window:
@@ -171,12 +192,13 @@ class _Window:
 class _Session:
     """One registration at the broker: its poll, its replies in flight, their connections."""
 
-    def __init__(self, tunnel: Tunnel, welcome: Welcome) -> None:
+    def __init__(self, tunnel: Tunnel, welcome: Welcome, http2: bool) -> None:
         self.tunnel = tunnel
         self.settings = tunnel.settings
         self.welcome = welcome
+        self.http2 = http2
         self.headers = {**tunnel.auth, SESSION_HEADER: welcome.session}
-        self.links = LinkPool(tunnel.settings)
+        self.links = LinkPool(tunnel.settings, http2=http2)
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.windows: dict[int, _Window] = {}
         self.drained = False
@@ -188,9 +210,12 @@ class _Session:
         timeout = MISSED_PINGS * self.welcome.ping_interval
         try:
             while not self.drained:
-                async with make_client(self.settings, read_timeout=timeout) as client:
+                async with make_client(self.settings, http2=self.http2, read_timeout=timeout) as client:
                     for _ in range(POLLS_PER_LINK):
-                        await self._poll(client)
+                        if self.tunnel.short_polls:
+                            await self._short_poll(client)
+                        else:
+                            await self._poll(client)
                         if self.drained:
                             break
         finally:
@@ -220,6 +245,27 @@ class _Session:
         finally:
             await self.links.release(link)
 
+    async def _upload_in_batches(self, outbox: "asyncio.Queue[bytes | None]") -> None:
+        """A reply as a series of short POSTs: a path that buffers bodies still delivers it."""
+        done = False
+        while not done:
+            parts = [await outbox.get()]
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(BATCH_INTERVAL):
+                    while parts[-1] is not None:
+                        parts.append(await outbox.get())
+            done = parts[-1] is None
+            headers = self.headers if done else {**self.headers, PARTIAL_HEADER: "1"}
+            link = await self.links.acquire()
+            try:
+                await link.client.post(
+                    self.settings.broker_url + REPLY_PATH,
+                    content=b"".join(part for part in parts if part is not None),
+                    headers={**headers, "content-type": FRAMES_CONTENT_TYPE},
+                )
+            finally:
+                await self.links.release(link)
+
     async def _heartbeat(self) -> None:
         """The broker's only sign of life from us on an idle tunnel (and it detects a freeze)."""
         while True:
@@ -228,22 +274,49 @@ class _Session:
                 await self.send_frames(Pong(self.last_ping))
 
     async def _poll(self, client: httpx.AsyncClient) -> None:
-        """One poll response, read to its end; raises if it breaks."""
-        status = self.tunnel.status
+        """One streaming poll, read to its end; raises if it breaks.
+
+        The broker writes a first frame at once; if none arrives in time, something on the
+        way holds responses until they end (a buffering proxy), and only short polls work.
+        """
         url = self.settings.broker_url + POLL_PATH
-        async with client.stream("GET", url, headers=self.headers) as response:
-            if response.status_code != 200:
-                await response.aread()
-                raise Refused(f"poll answered {response.status_code}: {_error_message(response)}")
-            if not status.connected:
-                log.info("tunnel up (%s) to %s", response.http_version, self.settings.broker_url)
-            status.connected = True
-            status.last_error = ""
-            decoder = FrameDecoder()
-            async for data in response.aiter_raw():
-                for frame in decoder.feed(data):
-                    self._dispatch(frame)
-            decoder.finish()
+        try:
+            async with asyncio.timeout(FIRST_FRAME_TIMEOUT) as first_frame:
+                async with client.stream("GET", url, headers=self.headers) as response:
+                    self._check(response)
+                    decoder = FrameDecoder()
+                    async for data in response.aiter_raw():
+                        frames = decoder.feed(data)
+                        if frames:
+                            first_frame.reschedule(None)
+                        for frame in frames:
+                            self._dispatch(frame)
+                    decoder.finish()
+        except TimeoutError:
+            if first_frame.expired():
+                self.tunnel.short_polls = True
+                log.warning("responses from the broker arrive only when they end (a buffering proxy?): "
+                            "switching to short polls")  # fmt: skip
+                raise Buffered from None
+            raise
+
+    async def _short_poll(self, client: httpx.AsyncClient) -> None:
+        """One poll that the broker ends as soon as it has frames to deliver."""
+        url = f"{self.settings.broker_url}{POLL_PATH}?{SHORT_POLL_QUERY}"
+        response = await client.get(url, headers=self.headers)
+        self._check(response)
+        for frame in decode_all(response.content):
+            self._dispatch(frame)
+
+    def _check(self, response: httpx.Response) -> None:
+        if response.status_code != 200:
+            raise Refused(f"poll answered {response.status_code}: {_error_message(response)}")
+        status = self.tunnel.status
+        if not status.connected:
+            mode = " with short polls" if self.tunnel.short_polls else ""
+            log.info("tunnel up (%s%s) to %s", response.http_version, mode, self.settings.broker_url)
+        status.connected = True
+        status.last_error = ""
 
     def _dispatch(self, frame: Frame) -> None:
         if isinstance(frame, Request):
@@ -305,6 +378,10 @@ class _Session:
             log.warning("request %d: %s (%s)", request.id, error, detail)
 
     async def _upload(self, outbox: "asyncio.Queue[bytes | None]") -> None:
+        if self.tunnel.short_polls:
+            await self._upload_in_batches(outbox)
+            return
+
         async def body() -> AsyncIterator[bytes]:
             while True:
                 parts = [await outbox.get()]

@@ -6,10 +6,12 @@ the tests import this one definition. Nothing here touches a socket or an event 
 
 from wire.endpoints import (
     FRAMES_CONTENT_TYPE,
+    PARTIAL_HEADER,
     POLL_PATH,
     REGISTER_PATH,
     REPLY_PATH,
     SESSION_HEADER,
+    SHORT_POLL_QUERY,
 )
 from wire.frames import (
     INITIAL_CREDIT,
@@ -35,11 +37,13 @@ __all__ = [
     "FRAMES_CONTENT_TYPE",
     "INITIAL_CREDIT",
     "MAX_FRAME_SIZE",
+    "PARTIAL_HEADER",
     "POLL_PATH",
     "PROTOCOL_VERSION",
     "REGISTER_PATH",
     "REPLY_PATH",
     "SESSION_HEADER",
+    "SHORT_POLL_QUERY",
     "Cancel",
     "Chunk",
     "Credit",

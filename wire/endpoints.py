@@ -5,4 +5,8 @@ POLL_PATH = "/tunnel/v1/poll"  # GET: a streaming response of broker → connect
 REPLY_PATH = "/tunnel/v1/reply"  # POST: a streaming body of one request's reply frames
 
 SESSION_HEADER = "x-remotellm-session"
+# A reply body that carries only part of its requests' frames: more follow in later bodies.
+PARTIAL_HEADER = "x-remotellm-partial"
+# A poll the broker ends as soon as it has frames (for paths that buffer whole responses).
+SHORT_POLL_QUERY = "mode=short"
 FRAMES_CONTENT_TYPE = "application/x-remotellm-frames"
