@@ -5,6 +5,7 @@ import getpass
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
@@ -75,13 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"python -m broker: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(_serve(settings))
+    asyncio.run(_serve(settings, reload=lambda: resolve(args, os.environ)))
     return 0
 
 
-async def _serve(settings: Settings) -> None:
+async def _serve(settings: Settings, reload: Callable[[], Settings]) -> None:
     """hypercorn, with a shutdown that first drains the tunnels (plain hypercorn cannot)."""
-    app = create_app(settings)
+    app = create_app(settings, reload)
     hub: Hub = app.state.hub
     signalled = asyncio.Event()
     loop = asyncio.get_running_loop()

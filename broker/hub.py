@@ -5,16 +5,18 @@ Endpoints stay thin and call into the Hub; the Hub knows nothing of HTTP.
 
 import asyncio
 import contextlib
+import os
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from typing import Any
 
 import msgspec
 
-from broker.config import ConnectorSpec
+from broker.config import ConfigError, ConnectorSpec
 from broker.keys import bearer, find_secret
 from broker.logs import RequestLog, log
-from broker.metrics import Metrics
+from broker.metrics import Metrics, Snapshot
 from broker.router import AtCapacity, ModelRouter, Route, RouteError
 from broker.settings import Settings
 from broker.throttle import AuthThrottle
@@ -26,6 +28,8 @@ from wire import Chunk, Credit, Drain, End, Head, Hello, Models, Pong
 SILENT_PINGS = 3
 DISCOVERY_TIMEOUT = 30.0
 DISCOVERY_RETRY_MAX = 60.0
+MODEL_REFRESH = 60.0
+CONFIG_WATCH_INTERVAL = 2.0
 
 
 class Refused(Exception):
@@ -47,7 +51,8 @@ class _ModelList(msgspec.Struct):
 class Hub:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.metrics = Metrics()
+        self.metrics = Metrics(self.snapshot)
+        self.queued = 0
         self.request_log = RequestLog(settings.log_format)
         self.sessions: dict[str, Session] = {}
         allowlisted = frozenset().union(*(s.models or () for s in settings.connectors))
@@ -58,18 +63,31 @@ class Hub:
         self.auth_throttle = AuthThrottle()
         self.shutting_down = False
 
+    def snapshot(self) -> Snapshot:
+        by_protocol: dict[str, int] = {}
+        for session in self.router.connectors():
+            by_protocol[session.protocol] = by_protocol.get(session.protocol, 0) + 1
+        in_flight = sum(session.in_flight for session in self.sessions.values())
+        return Snapshot(in_flight, self.queued, by_protocol)
+
     # --- authentication -------------------------------------------------
 
     def user_allowed(self, authorization: str | None) -> bool:
         key = bearer(authorization)
-        return key is not None and find_secret(key, self.settings.user_key_digests) is not None
+        allowed = key is not None and find_secret(key, self.settings.user_key_digests) is not None
+        if not allowed:
+            self.metrics.auth_failures.labels("user").inc()
+        return allowed
 
     def connector_spec(self, authorization: str | None) -> ConnectorSpec | None:
         token = bearer(authorization)
         if token is None:
             return None
         index = find_secret(token, self._token_digests)
-        return None if index is None else self.settings.connectors[index]
+        if index is None:
+            self.metrics.auth_failures.labels("tunnel").inc()
+            return None
+        return self.settings.connectors[index]
 
     def session_of(self, spec: ConnectorSpec, session_id: str | None) -> Session | None:
         session = self.sessions.get(session_id or "")
@@ -95,6 +113,7 @@ class Hub:
                 self.drop(old, "replaced by a new registration")
         session = Session(spec, hello, remote)
         self.sessions[session.id] = session
+        self.metrics.registrations.labels(spec.name).inc()
         log.info("connector %s registered from %s (models: %s)", spec.name, remote, _models_text(hello))
         return session
 
@@ -103,7 +122,8 @@ class Hub:
         session.protocol = protocol
         if generation == 1:
             if session.hello.models:
-                self._route(session, frozenset(session.hello.models))
+                session.offered = frozenset(session.hello.models)
+                self._route(session)
             else:
                 self._spawn(self._discover(session))
         return generation
@@ -113,11 +133,52 @@ class Hub:
             return
         self.router.remove(session)
         session.close()
-        self.metrics.connectors.set(len(self.router.connectors()))
         log.info("connector %s dropped: %s", session.name, reason)
 
-    def start(self) -> None:
+    def start(self, reload: Callable[[], Settings] | None = None) -> None:
         self._spawn(self._reap())
+        if reload is not None:
+            self._spawn(self._watch_config(reload))
+
+    def reload(self, settings: Settings) -> None:
+        """New keys and connectors, in place: no stream is dropped, revocations act at once."""
+        self.settings = replace(
+            self.settings, user_key_digests=settings.user_key_digests, connectors=settings.connectors
+        )
+        self._token_digests = tuple(spec.token_digest for spec in settings.connectors)
+        specs = {spec.token_digest: spec for spec in settings.connectors}
+        self.router.know(frozenset().union(*(s.models or () for s in settings.connectors)))
+        for session in list(self.sessions.values()):
+            spec = specs.get(session.spec.token_digest)
+            if spec is None:
+                self.drop(session, "token revoked")
+                continue
+            session.spec = spec
+            self._route(session)
+        log.info(
+            "configuration reloaded: %d connector(s), %d user key(s)",
+            len(settings.connectors),
+            len(settings.user_key_digests),
+        )
+
+    def reload_from(self, load: Callable[[], Settings]) -> None:
+        try:
+            self.reload(load())
+        except ConfigError as exc:
+            log.error("configuration not reloaded, the old one stays: %s", exc)
+
+    async def _watch_config(self, load: Callable[[], Settings]) -> None:
+        """Reload when connectors.yaml changes (SIGHUP does it at once)."""
+        path = self.settings.connector_config
+        if not path:
+            return
+        last = _stamp(path)
+        while True:
+            await asyncio.sleep(CONFIG_WATCH_INTERVAL)
+            stamp = _stamp(path)
+            if stamp != last:
+                last = stamp
+                self.reload_from(load)
 
     def close(self) -> None:
         for session in list(self.sessions.values()):
@@ -143,7 +204,6 @@ class Hub:
         log.info("connector %s is leaving: %s", session.name, reason)
         session.leaving = True
         self.router.remove(session)
-        self.metrics.connectors.set(len(self.router.connectors()))
         if not session.exchanges:
             self.drop(session, "left")
 
@@ -159,12 +219,16 @@ class Hub:
                 elif not session.polling and session.unpolled_since < deadline:
                     self.drop(session, "not polling")
 
-    def _route(self, session: Session, models: frozenset[str]) -> None:
-        if session.closed:
+    def _route(self, session: Session) -> None:
+        """Route what the connector offers, as far as its token's allowlist allows."""
+        if session.closed or session.leaving:
+            return
+        allowed = session.spec.models
+        models = session.offered if allowed is None else session.offered & allowed
+        if models == self.router.models_of(session) and session in self.router.connectors():
             return
         self.router.set_models(session, models)
         session.send(Models(sorted(models)))
-        self.metrics.connectors.set(len(self.router.connectors()))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -176,12 +240,14 @@ class Hub:
         delay = 1.0
         while not session.closed:
             models = await self._list_models(session)
-            if models is not None:
-                allowed = session.spec.models
-                self._route(session, models if allowed is None else models & allowed)
-                return
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, DISCOVERY_RETRY_MAX)
+            if models is None:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, DISCOVERY_RETRY_MAX)
+                continue
+            delay = 1.0
+            session.offered = models
+            self._route(session)
+            await asyncio.sleep(MODEL_REFRESH)  # the LLM may load or drop models meanwhile
 
     async def _list_models(self, session: Session) -> frozenset[str] | None:
         exchange = session.open("GET", "/v1/models", "", [("accept", "application/json")], b"")
@@ -205,16 +271,23 @@ class Hub:
 
     async def route(self, model: str) -> Route[Session]:
         """A route for the model, waiting briefly for a free slot; raises RouteError."""
+        try:
+            return self.router.get_route(model)
+        except AtCapacity:
+            pass
         deadline = time.monotonic() + self.settings.queue_timeout
-        while True:
-            try:
-                return self.router.get_route(model)
-            except AtCapacity:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise
+        self.queued += 1
+        try:
+            while True:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._slot_freed.wait(), remaining)
+                    await asyncio.wait_for(self._slot_freed.wait(), deadline - time.monotonic())
+                try:
+                    return self.router.get_route(model)
+                except AtCapacity:
+                    if time.monotonic() >= deadline:
+                        raise
+        finally:
+            self.queued -= 1
 
     def alternate(self, model: str, failed: Session) -> Session | None:
         """Another live connector with a free slot for a request that lost its own."""
@@ -249,3 +322,11 @@ async def _collect(exchange: Exchange) -> tuple[int, bytes, bool]:
 
 def _models_text(hello: Hello) -> str:
     return ", ".join(hello.models) if hello.models else "to be discovered"
+
+
+def _stamp(path: str) -> tuple[float, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_mtime, stat.st_size

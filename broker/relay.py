@@ -100,6 +100,7 @@ class Relay:
         if body is None:
             await out.fail(send, 413, "request_too_large", f"Request body over {limit} bytes.")
             return None
+        out.request_bytes = len(body)
         with contextlib.suppress(msgspec.MsgspecError):
             out.model = _decode_body(body).model
         if not out.model:
@@ -118,7 +119,6 @@ class Relay:
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"] if k not in _HOP_REQUEST]
         headers.append(("x-request-id", out.request_id))
         query = scope.get("query_string", b"").decode("latin-1")
-        hub.metrics.in_flight.inc()
         try:
             async with asyncio.timeout(settings.total_timeout):
                 for attempt in (1, 2):
@@ -144,20 +144,24 @@ class Relay:
             out.result = "total_timeout"
             if not out.head_sent:
                 await out.fail(send, 504, "timeout", "The request took longer than the total time allowed.")
-        finally:
-            hub.metrics.in_flight.dec()
 
     def _account(self, out: "_Outcome") -> None:
         hub = self.hub
-        hub.metrics.requests.labels(out.model if out.routed else UNROUTED, str(out.status)).inc()
+        model = out.model if out.routed else UNROUTED
+        elapsed = time.perf_counter() - out.started
+        metrics = hub.metrics
+        metrics.requests.labels(model, str(out.status), out.connector).inc()
+        metrics.duration.labels(model).observe(elapsed)
+        metrics.bytes.labels("request").inc(out.request_bytes)
+        metrics.bytes.labels("response").inc(out.bytes)
         if out.ttfb:
-            hub.metrics.ttfb.observe(out.ttfb)
+            metrics.ttfb.labels(model).observe(out.ttfb)
         hub.request_log.write(
             id=out.request_id,
             model=out.model if out.routed else "-",
             connector=out.connector,
             status=out.status,
-            ms=round((time.perf_counter() - out.started) * 1000, 2),
+            ms=round(elapsed * 1000, 2),
             ttfb_ms=round(out.ttfb * 1000, 2),
             bytes=out.bytes,
             result=out.result,
@@ -168,8 +172,8 @@ class _Outcome:
     """What happened to one user request, for its reply, its log line and its metrics."""
 
     __slots__ = (
-        "bytes", "connector", "ended", "exchange", "gone", "head_sent", "model", "request_id", "result",
-        "routed", "started", "status", "ttfb",
+        "bytes", "connector", "ended", "exchange", "gone", "head_sent", "model", "request_bytes", "request_id",
+        "result", "routed", "started", "status", "ttfb",
     )  # fmt: skip
 
     def __init__(self, request_id: str) -> None:
@@ -182,6 +186,7 @@ class _Outcome:
         self.status = 0
         self.ttfb = 0.0
         self.bytes = 0
+        self.request_bytes = 0
         self.head_sent = False
         self.ended = False  # the connector sent End: nothing to cancel
         self.gone = False

@@ -51,6 +51,10 @@ class ModelRouter(Generic[E]):
         self._serving: dict[str, list[E]] = {}
         self._models_of: dict[E, frozenset[str]] = {}
 
+    def know(self, models: frozenset[str]) -> None:
+        """Models that are known from now on (a model once known stays known: 503, not 404)."""
+        self._known.update(models)
+
     def set_models(self, connector: E, models: frozenset[str]) -> None:
         """Register a connector, or replace the models it serves."""
         self.remove(connector)

@@ -4,8 +4,12 @@ Routes are thin: they authenticate, then call into the Hub, the Relay or the tun
 endpoints.
 """
 
+import asyncio
+import contextlib
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -46,7 +50,17 @@ def _error(status: int, code: str, message: str) -> Response:
 
 async def health(request: Request) -> Response:
     hub = _hub(request)
-    return JSONResponse({"status": "ok", "connectors": len(hub.router.connectors()), "models": hub.router.models()})
+    tunnels = [
+        {
+            "name": session.name,
+            "models": sorted(hub.router.models_of(session)),
+            "protocol": session.protocol,
+            "in_flight": session.in_flight,
+            "connected_since": datetime.fromtimestamp(session.connected_at, UTC).isoformat(timespec="seconds"),
+        }
+        for session in hub.router.connectors()
+    ]
+    return JSONResponse({"status": "ok", "connectors": len(tunnels), "models": hub.router.models(), "tunnels": tunnels})
 
 
 async def metrics(request: Request) -> Response:
@@ -80,15 +94,22 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return _error(status, code, f"{request.method} {request.url.path}: {code.replace('_', ' ')}")
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(settings: Settings, reload: Callable[[], Settings] | None = None) -> Starlette:
+    """The app; ``reload`` re-reads keys and connectors on SIGHUP and when the YAML changes."""
     logs.setup()
     h2_reset.install()
     hub = Hub(settings)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        hub.start()
+        hub.start(reload)
+        loop = asyncio.get_running_loop()
+        if reload is not None:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
+                loop.add_signal_handler(signal.SIGHUP, hub.reload_from, reload)
         yield
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.remove_signal_handler(signal.SIGHUP)
         hub.close()
 
     routes = [

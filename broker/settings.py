@@ -74,6 +74,7 @@ class Settings:
     keyfile: str | None = None
     user_key_digests: tuple[bytes, ...] = ()
     connectors: tuple[ConnectorSpec, ...] = ()
+    connector_config: str | None = None
     first_byte_timeout: float = 300.0
     idle_timeout: float = 300.0
     total_timeout: float = 3600.0
@@ -129,4 +130,5 @@ def resolve(args: BrokerArgs | None, env: Mapping[str, str]) -> Settings:
         **values,
         user_key_digests=tuple(dict.fromkeys(digests)),
         connectors=file.connectors if file else (),
+        connector_config=config_path,
     )

@@ -50,6 +50,7 @@ class Session:
         self.id = secrets.token_urlsafe(18)
         self.spec = spec
         self.hello = hello
+        self.offered: frozenset[str] = frozenset()  # what the connector can serve
         self.remote = remote
         self.protocol = "?"
         self.connected_at = time.time()

@@ -283,6 +283,8 @@ class _Session:
         try:
             async with asyncio.timeout(FIRST_FRAME_TIMEOUT) as first_frame:
                 async with client.stream("GET", url, headers=self.headers) as response:
+                    if response.status_code != 200:
+                        await response.aread()  # the error message is in the body
                     self._check(response)
                     decoder = FrameDecoder()
                     async for data in response.aiter_raw():

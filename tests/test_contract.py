@@ -21,6 +21,7 @@ from tests.support import BrokerHandle, Stack, free_port, wait_until
 USER_KEY = "sk-user"
 HASHED_USER_KEY = "sk-user-hashed"
 LLM_KEYS = {"alpha": "sk-llm-alpha", "beta": "sk-llm-beta"}
+USER_HEADERS = {"authorization": f"Bearer {USER_KEY}"}
 SECRETS = [USER_KEY, HASHED_USER_KEY, "tok-alpha", "tok-beta", *LLM_KEYS.values()]
 
 
@@ -222,9 +223,20 @@ def test_early_answers_do_not_break_an_h2_connection(cluster: Cluster) -> None:
         assert ok.http_version == "HTTP/2"
 
 
-def test_health_has_counts_and_no_secret(cluster: Cluster) -> None:
+def test_health_has_counts_tunnels_and_no_secret(cluster: Cluster) -> None:
     resp = httpx.get(cluster.broker.url + "/health")
-    assert resp.json() == {"status": "ok", "connectors": 2, "models": ["alpha-model", "beta-model", "shared"]}
+    health = resp.json()
+    assert {k: health[k] for k in ("status", "connectors", "models")} == {
+        "status": "ok",
+        "connectors": 2,
+        "models": ["alpha-model", "beta-model", "shared"],
+    }
+    tunnels = {t["name"]: t for t in health["tunnels"]}
+    assert tunnels["alpha"]["models"] == ["alpha-model", "shared"]
+    assert tunnels["beta"]["models"] == ["beta-model", "shared"]
+    assert {t["protocol"] for t in tunnels.values()} == {"h2"}
+    assert tunnels["alpha"]["in_flight"] == 0
+    assert tunnels["alpha"]["connected_since"].endswith("+00:00")
     for secret in SECRETS:
         assert secret not in resp.text
 
@@ -239,10 +251,20 @@ def test_connector_health(cluster: Cluster) -> None:
 
 def test_metrics(cluster: Cluster) -> None:
     chat(cluster, "alpha-model")
+    httpx.post(cluster.broker.url + "/v1/chat/completions", json={"model": "alpha-model"})  # no key
+    httpx.post(cluster.broker.url + "/v1/chat/completions", json={"model": "attacker-chosen"}, headers=USER_HEADERS)
     text = httpx.get(cluster.broker.url + "/metrics").text
-    assert 'remotellm_requests_total{model="alpha-model",status="200"}' in text
-    assert "remotellm_connectors_connected 2.0" in text
+    assert 'remotellm_requests_total{connector="alpha",model="alpha-model",status="200"}' in text
+    assert 'remotellm_requests_total{connector="-",model="_unrouted",status="404"}' in text
+    assert "attacker-chosen" not in text
+    assert 'remotellm_connectors_connected{protocol="h2"} 2.0' in text
     assert "remotellm_requests_in_flight 0.0" in text
+    assert "remotellm_requests_queued 0.0" in text
+    assert 'remotellm_auth_failures_total{kind="user"}' in text
+    assert 'remotellm_tunnel_registrations_total{connector="alpha"} 1.0' in text
+    assert 'remotellm_relayed_bytes_total{direction="response"}' in text
+    assert 'remotellm_time_to_first_byte_seconds_bucket{le="0.005",model="alpha-model"}' in text
+    assert 'remotellm_request_duration_seconds_count{model="alpha-model"}' in text
     for secret in SECRETS:
         assert secret not in text
 
