@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from broker import h2_reset, logs, tunnel_api
+from broker import h2_patches, logs, tunnel_api
 from broker.asgi import DrainBody, Receive, Scope, Send
 from broker.errors import error_body
 from broker.hub import Hub
@@ -97,7 +97,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 def create_app(settings: Settings, reload: Callable[[], Settings] | None = None) -> Starlette:
     """The app; ``reload`` re-reads keys and connectors on SIGHUP and when the YAML changes."""
     logs.setup()
-    h2_reset.install()
+    h2_patches.install()
     hub = Hub(settings)
 
     @asynccontextmanager

@@ -6,24 +6,22 @@ backoff and jitter, forever.
 """
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import httpx
 
 from connector import __version__
-from connector.links import LinkPool, make_client, speaks_h2c
+from connector.links import make_client, speaks_h2c
 from connector.llm import LLMClient
 from connector.settings import Settings
+from connector.uplink import Uplink, UplinkError
 from wire import (
     FRAMES_CONTENT_TYPE,
     INITIAL_CREDIT,
-    PARTIAL_HEADER,
     POLL_PATH,
     REGISTER_PATH,
     REPLY_PATH,
@@ -47,7 +45,6 @@ from wire import (
     Welcome,
     decode_all,
     encode,
-    encode_many,
 )
 
 log = logging.getLogger("remotellm.connector")
@@ -60,7 +57,6 @@ UPLOAD_GRACE = 10.0  # how long a finished reply may take to leave
 DRAIN_TIMEOUT = 30.0  # how long replies in flight may run on when a session ends gracefully
 POLLS_PER_LINK = 50  # a poll connection is replaced long before any server's request limit
 FIRST_FRAME_TIMEOUT = 5.0  # the broker writes a poll's first frame at once
-BATCH_INTERVAL = 0.05  # with short polls, reply frames leave in batches this far apart
 
 
 class Refused(Exception):
@@ -118,7 +114,7 @@ class Tunnel:
                 log.error("broker refused this connector: %s", exc)
             except Buffered:
                 attempt = -1  # not a failure of the broker: come back at once
-            except (httpx.HTTPError, FrameError, OSError) as exc:
+            except (httpx.HTTPError, FrameError, UplinkError, OSError) as exc:
                 self.status.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("tunnel down: %s", self.status.last_error)
             except Exception as exc:  # a bug must not end the connector: log it and reconnect
@@ -140,8 +136,7 @@ class Tunnel:
         """Graceful stop: the broker stops routing here, replies in flight finish (bounded)."""
         session = self._current
         if session is not None:
-            with contextlib.suppress(httpx.HTTPError, OSError):
-                await session.send_frames(Drain("connector shutting down"))
+            session.uplink.send(encode(Drain("connector shutting down")))
             await session.finish(DRAIN_TIMEOUT)
         if self._winding_down:
             await asyncio.wait(self._winding_down, timeout=DRAIN_TIMEOUT)
@@ -190,7 +185,7 @@ class _Window:
 
 
 class _Session:
-    """One registration at the broker: its poll, its replies in flight, their connections."""
+    """One registration at the broker: its poll, its uplink, its requests in flight."""
 
     def __init__(self, tunnel: Tunnel, welcome: Welcome, http2: bool) -> None:
         self.tunnel = tunnel
@@ -198,80 +193,66 @@ class _Session:
         self.welcome = welcome
         self.http2 = http2
         self.headers = {**tunnel.auth, SESSION_HEADER: welcome.session}
-        self.links = LinkPool(tunnel.settings, http2=http2)
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.windows: dict[int, _Window] = {}
         self.drained = False
         self.last_ping = 0.0
+        self._uplink_client = make_client(self.settings, http2=http2, read_timeout=None)
+        url = self.settings.broker_url + REPLY_PATH
+        self.uplink = Uplink(self._uplink_client, url, self.headers, batching=tunnel.short_polls)
+        self._uplink_task: asyncio.Task[None] | None = None
 
     async def serve(self) -> None:
         """Poll until the broker drains this session; raises when the tunnel breaks."""
+        uplink = self._uplink_task = asyncio.create_task(self.uplink.run())
+        polling = asyncio.create_task(self._poll_forever())
         heartbeat = asyncio.create_task(self._heartbeat())
-        timeout = MISSED_PINGS * self.welcome.ping_interval
         try:
-            while not self.drained:
-                async with make_client(self.settings, http2=self.http2, read_timeout=timeout) as client:
-                    for _ in range(POLLS_PER_LINK):
-                        if self.tunnel.short_polls:
-                            await self._short_poll(client)
-                        else:
-                            await self._poll(client)
-                        if self.drained:
-                            break
+            await asyncio.wait((uplink, polling), return_when=asyncio.FIRST_COMPLETED)
+            if not polling.done():
+                polling.cancel()
+                uplink.result()  # raises what broke it
+                raise UplinkError("the uplink ended")
+            polling.result()  # raises what broke it; returns once drained
         finally:
+            polling.cancel()
             heartbeat.cancel()
 
     async def finish(self, timeout: float) -> None:
         """Let the replies in flight end (within ``timeout``), then close the connections."""
         if self.tasks:
             await asyncio.wait(list(self.tasks.values()), timeout=timeout)
+        self.uplink.close()
+        if self._uplink_task is not None:
+            await asyncio.wait([self._uplink_task], timeout=UPLOAD_GRACE)
         await self.abort()
 
     async def abort(self) -> None:
         for task in list(self.tasks.values()):
             task.cancel()
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
-        await self.links.aclose()
+        if self._uplink_task is not None:
+            self._uplink_task.cancel()
+            await asyncio.gather(self._uplink_task, return_exceptions=True)
+        await self._uplink_client.aclose()
 
-    async def send_frames(self, *frames: Frame) -> None:
-        """A short reply body of its own: a heartbeat or a goodbye."""
-        link = await self.links.acquire()
-        try:
-            await link.client.post(
-                self.settings.broker_url + REPLY_PATH,
-                content=encode_many(frames),
-                headers={**self.headers, "content-type": FRAMES_CONTENT_TYPE},
-            )
-        finally:
-            await self.links.release(link)
-
-    async def _upload_in_batches(self, outbox: "asyncio.Queue[bytes | None]") -> None:
-        """A reply as a series of short POSTs: a path that buffers bodies still delivers it."""
-        done = False
-        while not done:
-            parts = [await outbox.get()]
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(BATCH_INTERVAL):
-                    while parts[-1] is not None:
-                        parts.append(await outbox.get())
-            done = parts[-1] is None
-            headers = self.headers if done else {**self.headers, PARTIAL_HEADER: "1"}
-            link = await self.links.acquire()
-            try:
-                await link.client.post(
-                    self.settings.broker_url + REPLY_PATH,
-                    content=b"".join(part for part in parts if part is not None),
-                    headers={**headers, "content-type": FRAMES_CONTENT_TYPE},
-                )
-            finally:
-                await self.links.release(link)
+    async def _poll_forever(self) -> None:
+        timeout = MISSED_PINGS * self.welcome.ping_interval
+        while not self.drained:
+            async with make_client(self.settings, http2=self.http2, read_timeout=timeout) as client:
+                for _ in range(POLLS_PER_LINK):
+                    if self.tunnel.short_polls:
+                        await self._short_poll(client)
+                    else:
+                        await self._poll(client)
+                    if self.drained:
+                        return
 
     async def _heartbeat(self) -> None:
         """The broker's only sign of life from us on an idle tunnel (and it detects a freeze)."""
         while True:
             await asyncio.sleep(self.welcome.ping_interval)
-            with contextlib.suppress(httpx.HTTPError, OSError):
-                await self.send_frames(Pong(self.last_ping))
+            self.uplink.send(encode(Pong(self.last_ping)))
 
     async def _poll(self, client: httpx.AsyncClient) -> None:
         """One streaming poll, read to its end; raises if it breaks.
@@ -343,23 +324,17 @@ class _Session:
             self.drained = True
 
     async def _serve(self, request: Request) -> None:
-        """Replay one request on the LLM; stream its answer back on a reply POST."""
-        outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+        """Replay one request on the LLM; its reply frames leave on the uplink."""
         window = self.windows[request.id] = _Window()
-        upload = asyncio.create_task(self._upload(outbox))
         try:
-            await self._call_llm(request, outbox, window)
+            await self._call_llm(request, window)
         except asyncio.CancelledError:
-            outbox.put_nowait(encode(End(request.id, "cancelled")))
+            self.uplink.send(encode(End(request.id, "cancelled")))
         finally:
             del self.windows[request.id]
-            outbox.put_nowait(None)
-            try:
-                await asyncio.wait_for(upload, UPLOAD_GRACE)
-            except (TimeoutError, httpx.HTTPError, OSError) as exc:
-                log.debug("reply %d was not delivered: %r", request.id, exc)
 
-    async def _call_llm(self, request: Request, outbox: "asyncio.Queue[bytes | None]", window: _Window) -> None:
+    async def _call_llm(self, request: Request, window: _Window) -> None:
+        send = self.uplink.send
         error: ErrorKind | None = None
         detail = ""
         started = time.perf_counter()
@@ -367,44 +342,17 @@ class _Session:
             async with self.tunnel.llm.stream(request) as response:
                 raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers.raw]
                 llm_ms = (time.perf_counter() - started) * 1000
-                outbox.put_nowait(encode(Head(request.id, response.status_code, raw, llm_ms)))
+                send(encode(Head(request.id, response.status_code, raw, llm_ms)))
                 async for data in response.aiter_raw():
                     await window.spend(len(data))
-                    outbox.put_nowait(encode(Chunk(request.id, data)))
+                    send(encode(Chunk(request.id, data)))
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             error, detail = "llm_unreachable", type(exc).__name__
         except httpx.HTTPError as exc:
             error, detail = "llm_failed", type(exc).__name__
-        outbox.put_nowait(encode(End(request.id, error, detail)))
+        send(encode(End(request.id, error, detail)))
         if error:
             log.warning("request %d: %s (%s)", request.id, error, detail)
-
-    async def _upload(self, outbox: "asyncio.Queue[bytes | None]") -> None:
-        if self.tunnel.short_polls:
-            await self._upload_in_batches(outbox)
-            return
-
-        async def body() -> AsyncIterator[bytes]:
-            while True:
-                parts = [await outbox.get()]
-                while not outbox.empty():  # whatever is ready leaves in one write
-                    parts.append(outbox.get_nowait())
-                done = parts[-1] is None
-                yield b"".join(part for part in parts if part is not None)
-                if done:
-                    return
-
-        link = await self.links.acquire()
-        try:
-            response = await link.client.post(
-                self.settings.broker_url + REPLY_PATH,
-                content=body(),
-                headers={**self.headers, "content-type": FRAMES_CONTENT_TYPE},
-            )
-        finally:
-            await self.links.release(link)
-        if response.status_code >= 300:
-            log.warning("broker refused a reply: %s", response.status_code)
 
 
 def _error_message(response: httpx.Response) -> str:
