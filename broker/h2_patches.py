@@ -72,7 +72,7 @@ def _enlarge_windows() -> None:
     def __init__(self: H2Protocol, *args: Any, **kwargs: Any) -> None:
         original_init(self, *args, **kwargs)
         # A fresh Settings object: values assigned to an existing one stay pending (unsent).
-        current = dict(self.connection.local_settings)
+        current: dict[Any, int] = dict(self.connection.local_settings)
         self.connection.local_settings = h2.settings.Settings(
             client=False, initial_values={**current, h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW}
         )

@@ -5,6 +5,7 @@ from contextlib import asynccontextmanager
 
 import httpx
 
+from connector.llm_transport import LLMTransport
 from wire import Request
 
 # Headers that belong to the broker's hop or that the LLM must not see from the user.
@@ -18,11 +19,8 @@ class LLMClient:
         # "--llm-url http://host/v1" and "http://host" both work with "/v1/..." paths.
         self._strip_v1 = url.path.rstrip("/").endswith("/v1")
         self._host = url.netloc.decode("ascii")
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(connect=10.0, read=None, write=60.0, pool=None),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
-            trust_env=False,  # a proxy set for reaching the broker is not for the LLM next door
-        )
+        # No proxy: one set for reaching the broker is not for the LLM next door.
+        self._transport = LLMTransport()
 
     def build(self, request: Request) -> httpx.Request:
         path = request.path
@@ -44,11 +42,11 @@ class LLMClient:
 
     @asynccontextmanager
     async def stream(self, request: Request) -> AsyncIterator[httpx.Response]:
-        response = await self._client.send(self.build(request), stream=True)
+        response = await self._transport.handle_async_request(self.build(request))
         try:
             yield response
         finally:
             await response.aclose()
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._transport.aclose()

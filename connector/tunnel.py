@@ -261,8 +261,10 @@ class _Session:
         way holds responses until they end (a buffering proxy), and only short polls work.
         """
         url = self.settings.broker_url + POLL_PATH
+        # Sooner than the poll's read timeout and the broker's heartbeat deadline (3 pings).
+        first_frame_timeout = max(1.0, min(FIRST_FRAME_TIMEOUT, self.welcome.ping_interval))
         try:
-            async with asyncio.timeout(FIRST_FRAME_TIMEOUT) as first_frame:
+            async with asyncio.timeout(first_frame_timeout) as first_frame:
                 async with client.stream("GET", url, headers=self.headers) as response:
                     if response.status_code != 200:
                         await response.aread()  # the error message is in the body

@@ -1,0 +1,148 @@
+"""A lean httpx transport for the hop to the local LLM: HTTP/1.1 keep-alive, one write.
+
+httpx stays the client API, but its default pool is the connector's biggest cost (a known
+httpx issue): it writes a request's head and body separately and does a great deal of
+bookkeeping per request. This transport writes each request in one go, parses with h11
+(httpx's own HTTP/1.1 parser) and keeps idle connections for reuse.
+"""
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator
+
+import h11
+import httpx
+
+CONNECT_TIMEOUT = 10.0
+MAX_IDLE = 64
+READ_SIZE = 65536
+
+_Origin = tuple[str, str, int]
+
+
+class _Connection:
+    __slots__ = ("h11", "origin", "reader", "reused", "writer")
+
+    def __init__(self, origin: _Origin, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.origin = origin
+        self.reader = reader
+        self.writer = writer
+        self.h11 = h11.Connection(h11.CLIENT)
+        self.reused = False
+
+    async def next_event(self) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]:
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            self.h11.receive_data(await self.reader.read(READ_SIZE))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _serialize(conn: h11.Connection, head: h11.Request, body: bytes) -> bytes:
+    parts = [conn.send(head)]
+    if body:
+        parts.append(conn.send(h11.Data(data=body)))
+    parts.append(conn.send(h11.EndOfMessage()))
+    return b"".join(part for part in parts if part)
+
+
+class LLMTransport(httpx.AsyncBaseTransport):
+    def __init__(self) -> None:
+        self._idle: dict[_Origin, list[_Connection]] = {}
+        self._ssl = ssl.create_default_context()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
+        data = await request.aread()
+        head = h11.Request(
+            method=request.method,
+            target=request.url.raw_path,
+            headers=[*request.headers.raw, *([(b"content-length", b"%d" % len(data))] if data else [])],
+        )
+        while True:
+            conn = await self._connection(origin)
+            try:
+                conn.writer.write(_serialize(conn.h11, head, data))
+                response = await conn.next_event()
+                break
+            except (OSError, h11.ProtocolError) as exc:
+                conn.close()
+                if conn.reused:  # the server closed an idle connection under us: once more, fresh
+                    continue
+                raise httpx.RemoteProtocolError(str(exc) or type(exc).__name__, request=request) from exc
+        if not isinstance(response, h11.Response):
+            conn.close()
+            raise httpx.RemoteProtocolError("no response", request=request)
+        return httpx.Response(
+            response.status_code,
+            headers=response.headers.raw_items(),
+            stream=_Body(self, conn),
+            extensions={"http_version": b"HTTP/1.1"},
+            request=request,
+        )
+
+    async def _connection(self, origin: _Origin) -> _Connection:
+        idle = self._idle.get(origin)
+        if idle:
+            conn = idle.pop()
+            conn.reused = True
+            return conn
+        scheme, host, port = origin
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                reader, writer = await asyncio.open_connection(host, port, ssl=self._ssl if scheme == "https" else None)
+        except TimeoutError as exc:
+            raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out") from exc
+        except OSError as exc:
+            raise httpx.ConnectError(str(exc)) from exc
+        return _Connection(origin, reader, writer)
+
+    def _release(self, conn: _Connection) -> None:
+        """Back to the pool if the exchange ended cleanly and both sides keep the connection."""
+        if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
+            conn.h11.start_next_cycle()
+            idle = self._idle.setdefault(conn.origin, [])
+            if len(idle) < MAX_IDLE:
+                idle.append(conn)
+                return
+        conn.close()
+
+    async def aclose(self) -> None:
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.close()
+        self._idle.clear()
+
+
+class _Body(httpx.AsyncByteStream):
+    """The response body as it arrives; closing it early closes the connection (the LLM
+    notices the user has gone and stops generating)."""
+
+    def __init__(self, transport: LLMTransport, conn: _Connection) -> None:
+        self._transport = transport
+        self._conn = conn
+        self._done = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            while True:
+                event = await self._conn.next_event()
+                if isinstance(event, h11.Data):
+                    yield bytes(event.data)
+                elif isinstance(event, h11.EndOfMessage):
+                    self._done = True
+                    return
+                elif isinstance(event, h11.ConnectionClosed):
+                    raise httpx.RemoteProtocolError("the LLM closed the connection mid-response")
+        except (OSError, h11.ProtocolError) as exc:
+            raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
+
+    async def aclose(self) -> None:
+        if self._done:
+            self._transport._release(self._conn)
+        else:
+            self._conn.close()
