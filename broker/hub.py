@@ -120,6 +120,7 @@ class Hub:
     def poll_attached(self, session: Session, protocol: str) -> int:
         generation = session.attach_poll()
         session.protocol = protocol
+        self.metrics.polls.labels(session.name).inc()
         if generation == 1:
             if session.hello.models:
                 session.offered = frozenset(session.hello.models)

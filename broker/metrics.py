@@ -79,6 +79,9 @@ class Metrics:
             ["connector"],
             registry=registry,
         )
+        self.polls = Counter(
+            "remotellm_tunnel_polls", "Polls opened (they are recycled), by connector", ["connector"], registry=registry
+        )
         self.auth_failures = Counter(
             "remotellm_auth_failures", "Refused keys and tokens, by kind", ["kind"], registry=registry
         )

@@ -29,6 +29,8 @@ import trustme
 from tests.proxies import Proxies, Proxy
 from tests.support import Proc, Stack, free_port, wait_until
 
+pytestmark = pytest.mark.slow
+
 USER = {"authorization": "Bearer sk-user"}
 TOKEN = "tok-proxied"
 CONFIG = f"connectors:\n  - name: behind-proxy\n    token: {TOKEN}\n"

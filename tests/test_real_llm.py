@@ -20,7 +20,7 @@ import pytest
 
 from tests.support import ROOT, BrokerHandle, Proc, Stack, free_port, wait_until
 
-pytestmark = pytest.mark.real_llm
+pytestmark = [pytest.mark.real_llm, pytest.mark.slow]
 
 pytest.importorskip("xllamacpp", reason="the real-LLM tests need xllamacpp (pip install xllamacpp)")
 

@@ -4,6 +4,7 @@ Each test starts its own processes, so it can kill them.
 """
 
 import asyncio
+import re
 import signal
 import time
 
@@ -228,7 +229,7 @@ async def _streams(url: str, count: int, chunks: int, delay_ms: float) -> list[s
         await client.close()
 
 
-@pytest.mark.parametrize("count", [64, 250])
+@pytest.mark.parametrize("count", [64, pytest.param(250, marks=pytest.mark.slow)])
 def test_many_concurrent_streams_through_one_connector(stack: Stack, count: int) -> None:
     """250 is past httpx's 100 streams per connection: the connector must spread replies."""
     url, llm = start(stack, "m")
@@ -238,12 +239,18 @@ def test_many_concurrent_streams_through_one_connector(stack: Stack, count: int)
     assert fake_state(llm)["requests"] >= count
 
 
+@pytest.mark.slow
 def test_3000_sequential_requests_over_one_tunnel(stack: Stack) -> None:
-    """Past hypercorn's default of 1000 requests per connection (then GOAWAY)."""
-    url, _ = start(stack, "m")
+    """Past hypercorn's default of 1000 requests per connection (then GOAWAY): polls are
+    recycled every few milliseconds here, so the tunnel makes thousands of requests too."""
+    url, _ = start(stack, "m", env={"REMOTELLM_POLL_LIFETIME": "0.005"})
     with httpx.Client(base_url=url, headers=USER, timeout=10) as client:
         statuses = [client.post("/v1/chat/completions", json=body(chunks=1)).status_code for _ in range(3000)]
     assert statuses == [200] * 3000
+    polls = int(
+        re.search(r'remotellm_tunnel_polls_total\{connector="solo"\} (\d+)', httpx.get(url + "/metrics").text)[1]
+    )
+    assert polls > 1000
     broker_log = stack.procs[0].log()
     assert broker_log.count("registered") == 1, "the connector had to reconnect"
     assert "dropped" not in broker_log
