@@ -21,7 +21,7 @@ from broker.router import AtCapacity, ModelRouter, Route, RouteError
 from broker.settings import Settings
 from broker.throttle import AuthThrottle
 from broker.tunnel import Exchange, Interrupt, Session
-from wire import Chunk, Credit, Drain, End, Head, Hello, Models, Pong
+from wire import PROTOCOL_VERSION, Chunk, Credit, Drain, End, Head, Hello, Models, Pong
 
 # A connector silent (no reply or heartbeat), or without a poll, for this many ping
 # intervals is dropped.
@@ -100,6 +100,9 @@ class Hub:
     def register(self, spec: ConnectorSpec, hello: Hello, remote: str) -> Session:
         if self.shutting_down:
             raise Refused(503, "shutting_down", "this broker is shutting down; try again shortly")
+        if hello.protocol != PROTOCOL_VERSION:
+            message = f"tunnel protocol {hello.protocol} is not supported (this broker speaks {PROTOCOL_VERSION})"
+            raise Refused(400, "unsupported_protocol", message)
         if spec.models is not None:
             refused = sorted(set(hello.models) - spec.models)
             if refused:
@@ -198,7 +201,10 @@ class Hub:
         self.close()
 
     def heartbeat(self, session: Session, pong: Pong) -> None:
+        """A connector's sign of life, acknowledged at once: it proves its uploads arrive."""
         session.touch()
+        session.last_pong = pong.ping_sent
+        session.send(session.ping())
 
     def retire(self, session: Session, reason: str) -> None:
         """The connector is leaving: route nothing new to it; drop it once its replies end."""

@@ -61,6 +61,7 @@ class Session:
         self.unpolled_since = time.monotonic()
         self.last_seen = time.monotonic()  # any sign of life: a poll, a reply, a heartbeat
         self.leaving = False  # the connector said goodbye: no new requests
+        self.last_pong = 0.0
         self.closed = False
         self._outbox: list[Frame] = []
         self._wake = asyncio.Event()
@@ -81,6 +82,9 @@ class Session:
     def send(self, frame: Frame) -> None:
         self._outbox.append(frame)
         self._wake.set()
+
+    def ping(self) -> Ping:
+        return Ping(time.time(), self.last_pong)
 
     def touch(self) -> None:
         self.last_seen = time.monotonic()
@@ -111,7 +115,7 @@ class Session:
         frames, self._outbox = self._outbox, []
         if frames:
             return frames
-        return None if time.monotonic() >= until else [Ping(time.time())]
+        return None if time.monotonic() >= until else [self.ping()]
 
     def wake(self) -> None:
         self._wake.set()

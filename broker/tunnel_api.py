@@ -22,7 +22,6 @@ from wire import (
     FrameError,
     Head,
     Hello,
-    Ping,
     Pong,
     Welcome,
     decode_all,
@@ -105,7 +104,7 @@ async def poll(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
     settings = hub.settings
     until = time.monotonic() + settings.poll_lifetime
     # A first frame at once: some proxies hold the response head until body bytes flow.
-    frames: list[Frame] | None = [Ping(time.time())]
+    frames: list[Frame] | None = [session.ping()]
     try:
         while frames is not None:
             await send({"type": "http.response.body", "body": encode_many(frames), "more_body": True})
@@ -130,7 +129,7 @@ async def _short_poll(hub: Hub, session: Session, send: Send, protocol: str) -> 
         frames = await session.next_frames(generation, wait, time.monotonic() + wait)
     finally:
         session.detach_poll(generation)
-    body = encode_many(frames or [Ping(time.time())])
+    body = encode_many(frames or [session.ping()])
     await send({"type": "http.response.start", "status": 200, "headers": _FRAMES_HEADERS})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 

@@ -57,6 +57,10 @@ UPLOAD_GRACE = 10.0  # how long a finished reply may take to leave
 DRAIN_TIMEOUT = 30.0  # how long replies in flight may run on when a session ends gracefully
 POLLS_PER_LINK = 50  # a poll connection is replaced long before any server's request limit
 FIRST_FRAME_TIMEOUT = 5.0  # the broker writes a poll's first frame at once
+REGISTER_TIMEOUT = 10.0  # a path that accepts connections but never answers is retried soon
+# Heartbeats unechoed this many ping intervals: uploads are held (the broker itself gives
+# up on a silent connector after 3).
+UNECHOED_PINGS = 1.5
 
 
 class Refused(Exception):
@@ -145,7 +149,7 @@ class Tunnel:
         """The session, and whether HTTP/2 carries it."""
         hello = Hello(self.connector_id, __version__, list(self.settings.models))
         try:
-            async with make_client(self.settings, http2=self.http2, read_timeout=30.0) as client:
+            async with make_client(self.settings, http2=self.http2, read_timeout=REGISTER_TIMEOUT) as client:
                 response = await client.post(
                     self.settings.broker_url + REGISTER_PATH,
                     content=encode(hello),
@@ -197,6 +201,8 @@ class _Session:
         self.windows: dict[int, _Window] = {}
         self.drained = False
         self.last_ping = 0.0
+        self.unechoed_since: float | None = None  # when the oldest Pong not yet echoed left
+        self.unechoed_ping = 0.0
         self._uplink_client = make_client(self.settings, http2=http2, read_timeout=None)
         url = self.settings.broker_url + REPLY_PATH
         self.uplink = Uplink(self._uplink_client, url, self.headers, batching=tunnel.short_polls)
@@ -208,10 +214,12 @@ class _Session:
         polling = asyncio.create_task(self._poll_forever())
         heartbeat = asyncio.create_task(self._heartbeat())
         try:
-            await asyncio.wait((uplink, polling), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((uplink, polling, heartbeat), return_when=asyncio.FIRST_COMPLETED)
             if not polling.done():
                 polling.cancel()
-                uplink.result()  # raises what broke it
+                for failed in (heartbeat, uplink):
+                    if failed.done():
+                        failed.result()  # raises what broke it
                 raise UplinkError("the uplink ended")
             polling.result()  # raises what broke it; returns once drained
         finally:
@@ -249,9 +257,25 @@ class _Session:
                         return
 
     async def _heartbeat(self) -> None:
-        """The broker's only sign of life from us on an idle tunnel (and it detects a freeze)."""
+        """The broker's only sign of life from us on an idle tunnel (and it detects a freeze).
+
+        The broker echoes each one at once; if none comes back for a while although the
+        poll works, something holds our uploads until they end (a proxy buffering request
+        bodies), and only short POSTs get through.
+        """
+        interval = self.welcome.ping_interval
         while True:
-            await asyncio.sleep(self.welcome.ping_interval)
+            await asyncio.sleep(interval)
+            waiting = self.unechoed_since
+            held = waiting is not None and time.monotonic() - waiting > UNECHOED_PINGS * interval
+            if held and not self.tunnel.short_polls:
+                self.tunnel.short_polls = True
+                log.warning("uploads to the broker arrive only when they end (a buffering proxy?): "
+                            "switching to short polls and batched replies")  # fmt: skip
+                raise Buffered
+            if waiting is None:
+                self.unechoed_since = time.monotonic()
+                self.unechoed_ping = self.last_ping
             self.uplink.send(encode(Pong(self.last_ping)))
 
     async def _poll(self, client: httpx.AsyncClient) -> None:
@@ -318,6 +342,8 @@ class _Session:
                 cancelled.cancel()
         elif isinstance(frame, Ping):
             self.last_ping = frame.sent
+            if self.unechoed_since is not None and frame.pong >= self.unechoed_ping:
+                self.unechoed_since = None
         elif isinstance(frame, Models):
             self.tunnel.status.models = frame.models
             log.info("serving models: %s", ", ".join(frame.models) or "none")

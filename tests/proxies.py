@@ -5,7 +5,7 @@ PID) on a free loopback port, with its config file, pid file and logs in a direc
 its own; every wait here has a bound. A test that needs a proxy binary that is not
 installed is skipped, with the package to install in the reason:
 
-- squid, tinyproxy: ``apt-get install -y squid tinyproxy`` (Debian).
+- squid, tinyproxy, nginx: ``apt-get install -y squid tinyproxy nginx`` (Debian).
 - mitmdump: ``pip install mitmproxy``, in a virtualenv of its own (mitmproxy pins h2 and
   h11 below what hypercorn needs), with ``mitmdump`` on the PATH, e.g.
   ``python3 -m venv /opt/mitmproxy && /opt/mitmproxy/bin/pip install mitmproxy &&
@@ -196,6 +196,51 @@ def start_tinyproxy(stack: Stack, workdir: Path, *, timeout: int = 600, auth: tu
     return proxy
 
 
+# nginx as a reverse proxy in front of the broker, with its defaults for request bodies:
+# it holds each upload until it is complete (proxy_request_buffering), while responses
+# stream (proxy_buffering off) — the shape that starves a streaming upload, nothing else.
+NGINX_CONF = """\
+daemon off;
+worker_processes 1;
+user root;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log {dir}/access.log;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    client_max_body_size 20m;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass {upstream};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_read_timeout 1h;
+        }}
+    }}
+}}
+"""
+NGINX_HINT = "apt-get install nginx"
+
+
+def start_nginx(stack: Stack, workdir: Path, *, upstream: str) -> Proxy:
+    """nginx on a free loopback port, reverse-proxying to ``upstream`` (the broker)."""
+    binary = require_binary("nginx", NGINX_HINT)
+    port = free_port()
+    conf = workdir / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(port=port, dir=workdir, upstream=upstream))
+    proc = stack.spawn("nginx", [binary, "-c", str(conf), "-p", str(workdir)])
+    proxy = Proxy("nginx", port, proc, workdir, workdir / "access.log")
+    proxy.wait_started()
+    return proxy
+
+
 def start_mitmproxy(stack: Stack, workdir: Path, *, stream: bool = True, upstream_ca: Path | None = None) -> Proxy:
     """mitmdump: a TLS-intercepting proxy that re-signs every site with its own CA
     (``proxy.ca_cert``, made at its first start) and speaks HTTP/1.1 only on both sides.
@@ -241,6 +286,11 @@ class Proxies:
 
     def mitmproxy(self, *, stream: bool = True, upstream_ca: Path | None = None) -> Proxy:
         proxy = start_mitmproxy(self.stack, self._workdir("mitmproxy"), stream=stream, upstream_ca=upstream_ca)
+        self.started.append(proxy)
+        return proxy
+
+    def nginx(self, *, upstream: str) -> Proxy:
+        proxy = start_nginx(self.stack, self._workdir("nginx"), upstream=upstream)
         self.started.append(proxy)
         return proxy
 

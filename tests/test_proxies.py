@@ -455,6 +455,26 @@ def test_buffering_proxy_still_completes_requests(
         assert time.monotonic() - started < BUFFERED_DEADLINE
 
 
+def test_a_proxy_holding_uploads_switches_replies_to_short_posts(
+    stack: Stack, proxies: Proxies, tmp_path: Path, ca: trustme.CA
+) -> None:
+    """nginx in front of the broker streams responses but holds each request body until it
+    is complete (its default): the poll works, streamed replies would not arrive. The
+    connector notices its heartbeats go unechoed and switches to short polls and batches."""
+    broker = Site(stack, tmp_path, ca, "http", env={"REMOTELLM_PING_INTERVAL": "1"}).start()
+    nginx = proxies.nginx(upstream=broker.url)
+    connector = start_connector(stack, nginx.url, stack.llm(MODEL))
+    wait_until(lambda: "switching to short polls and batched replies" in connector.log(), timeout=15, what="it")
+    wait_until(lambda: "with short polls" in connector.log(), timeout=10, what="the tunnel in short-poll mode")
+    broker.wait_models(MODEL)
+    started = time.monotonic()
+    check_routing(broker, timeout=BUFFERED_DEADLINE)
+    _, text = stream_arrivals(broker, chunks=5, delay_ms=50, timeout=BUFFERED_DEADLINE)
+    assert "tok4" in text
+    assert time.monotonic() - started < BUFFERED_DEADLINE
+    assert "/tunnel/v1/reply" in nginx.traffic()
+
+
 # ---------------------------------------------------------------- a proxy that cuts idle connections
 
 IDLE_CUT = 3  # tinyproxy's Timeout: seconds of silence before it closes a connection

@@ -97,9 +97,14 @@ class Cancel(_Frame, tag=7):
 
 
 class Ping(_Frame, tag=8):
-    """Broker → connector keepalive; ``sent`` is the broker's wall clock."""
+    """Broker → connector keepalive; ``sent`` is the broker's wall clock.
+
+    ``pong`` echoes the last Pong the broker received (its ``ping_sent``): the connector's
+    proof that its uploads arrive — a proxy that holds request bodies shows as no echo.
+    """
 
     sent: float
+    pong: float = 0.0
 
 
 class Drain(_Frame, tag=9):
