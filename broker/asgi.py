@@ -11,7 +11,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # An upload we refuse is still read to its end, for at most this long.
-DRAIN_TIMEOUT = 10.0
+BODY_DRAIN_TIMEOUT = 10.0
 
 
 def header(scope: Scope, name: bytes) -> str | None:
@@ -69,7 +69,7 @@ class DrainBody:
         async def draining_send(message: Message) -> None:
             if not body_done and message["type"] == "http.response.body" and not message.get("more_body"):
                 try:
-                    async with asyncio.timeout(DRAIN_TIMEOUT):
+                    async with asyncio.timeout(BODY_DRAIN_TIMEOUT):
                         while not body_done:
                             await tracking_receive()
                 except TimeoutError:

@@ -4,7 +4,7 @@ Besides ``user_api_keys`` and ``connectors``, the file may set any broker settin
 its long name (``port``, ``idle_timeout``...); the CLI and the environment override it.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,7 @@ SETTINGS: dict[str, Any] = {
     "log_format": _log_format,
     "ping_interval": _positive(float),
     "poll_lifetime": _positive(float),
+    "model_refresh": _positive(float),
     "queue_timeout": _positive(float),
     "max_body_size": _positive(int),
 }
@@ -83,7 +84,7 @@ class ConnectorSpec:
 
     name: str
     token_digest: bytes
-    llm_api_key: str | None
+    llm_api_key: str | None = field(repr=False)
     models: frozenset[str] | None  # None: any model
     max_concurrent: int
 

@@ -21,14 +21,10 @@ from broker.router import AtCapacity, ModelRouter, Route, RouteError
 from broker.settings import Settings
 from broker.throttle import AuthThrottle
 from broker.tunnel import Exchange, Interrupt, Session
-from wire import PROTOCOL_VERSION, Chunk, Credit, Drain, End, Head, Hello, Models, Pong
+from wire import DEAD_AFTER_PINGS, PROTOCOL_VERSION, Chunk, Credit, Drain, End, Head, Hello, Models, Pong
 
-# A connector silent (no reply or heartbeat), or without a poll, for this many ping
-# intervals is dropped.
-SILENT_PINGS = 3
 DISCOVERY_TIMEOUT = 30.0
 DISCOVERY_RETRY_MAX = 60.0
-MODEL_REFRESH = 60.0
 CONFIG_WATCH_INTERVAL = 2.0
 
 
@@ -114,7 +110,7 @@ class Hub:
         for old in list(self.sessions.values()):
             if old.spec is spec and old.hello.connector_id == hello.connector_id:
                 self.drop(old, "replaced by a new registration")
-        session = Session(spec, hello, remote)
+        session = Session(spec, hello)
         self.sessions[session.id] = session
         self.metrics.registrations.labels(spec.name).inc()
         log.info("connector %s registered from %s (models: %s)", spec.name, remote, _models_text(hello))
@@ -194,6 +190,8 @@ class Hub:
         """Graceful shutdown: tell every connector, refuse new work, let requests in flight end."""
         self.shutting_down = True
         for session in self.sessions.values():
+            session.leaving = True
+            self.router.remove(session)  # new requests get 503 from now on
             session.send(Drain("broker shutting down"))
         deadline = time.monotonic() + timeout
         while any(s.exchanges for s in self.sessions.values()) and time.monotonic() < deadline:
@@ -219,7 +217,8 @@ class Hub:
         interval = self.settings.ping_interval
         while True:
             await asyncio.sleep(interval / 2)
-            deadline = time.monotonic() - SILENT_PINGS * interval
+            # Silent (no upload, no heartbeat) or not polling for that long: gone.
+            deadline = time.monotonic() - DEAD_AFTER_PINGS * interval
             for session in list(self.sessions.values()):
                 if session.last_seen < deadline:
                     self.drop(session, "silent")
@@ -228,8 +227,8 @@ class Hub:
 
     def _route(self, session: Session) -> None:
         """Route what the connector offers, as far as its token's allowlist allows."""
-        if session.closed or session.leaving:
-            return
+        if session.closed or session.leaving or session.poll_generation == 0:
+            return  # (a session is routed once it polls)
         allowed = session.spec.models
         models = session.offered if allowed is None else session.offered & allowed
         if models == self.router.models_of(session) and session in self.router.connectors():
@@ -254,7 +253,7 @@ class Hub:
             delay = 1.0
             session.offered = models
             self._route(session)
-            await asyncio.sleep(MODEL_REFRESH)  # the LLM may load or drop models meanwhile
+            await asyncio.sleep(self.settings.model_refresh)  # the LLM may load or drop models meanwhile
 
     async def _list_models(self, session: Session) -> frozenset[str] | None:
         exchange = session.open("GET", "/v1/models", "", [("accept", "application/json")], b"")
@@ -265,7 +264,7 @@ class Hub:
         except TimeoutError:
             status, body = 0, b""
         finally:
-            session.finish(exchange, cancel=not ended)
+            self.finish(exchange, cancel=not ended)
         try:
             if status == 200:
                 return frozenset(m.id for m in msgspec.json.decode(body, type=_ModelList).data)
@@ -320,6 +319,7 @@ async def _collect(exchange: Exchange) -> tuple[int, bytes, bool]:
             status = event.status
         elif isinstance(event, Chunk):
             parts.append(event.data)
+            exchange.buffered -= len(event.data)
             exchange.session.send(Credit(exchange.id, len(event.data)))
         elif isinstance(event, End):
             return (status if event.error is None else 0), b"".join(parts), True

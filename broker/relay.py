@@ -6,6 +6,7 @@ a user who goes away while the LLM is still answering.
 
 import asyncio
 import contextlib
+import re
 import secrets
 import time
 from collections.abc import Sequence
@@ -46,6 +47,7 @@ _HOP_RESPONSE = frozenset(
         "x-request-id",
     ]
 )
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # Credit is returned in steps of half the window: one frame per 64 KiB the user reads.
 CREDIT_STEP = INITIAL_CREDIT // 2
 Headers = Sequence[tuple[bytes, bytes]]
@@ -53,7 +55,7 @@ _NO_BUFFERING = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 _END_ERRORS = {
     "llm_unreachable": "the connector could not reach its LLM",
     "llm_failed": "the LLM failed before answering",
-    "overloaded": "the connector is overloaded",
+    "internal": "the connector could not forward the request",
 }
 
 
@@ -93,8 +95,12 @@ class Relay:
         declared = header(scope, b"content-length")
         try:
             too_big = declared is not None and int(declared) > limit
+        except ValueError:
+            await out.fail(send, 400, "invalid_request", "Content-Length is not a number.")
+            return None
+        try:
             body = None if too_big else await read_body(receive, limit)
-        except (ClientGone, ValueError):
+        except ClientGone:
             out.result = "user_gone"
             return None
         if body is None:
@@ -119,11 +125,17 @@ class Relay:
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"] if k not in _HOP_REQUEST]
         headers.append(("x-request-id", out.request_id))
         query = scope.get("query_string", b"").decode("latin-1")
+        # The path as the user sent it, still percent-encoded: forwarded unchanged.
+        raw_path = scope.get("raw_path") or scope["path"].encode("latin-1")
+        path = raw_path.split(b"?", 1)[0].decode("latin-1")
         try:
             async with asyncio.timeout(settings.total_timeout):
                 for attempt in (1, 2):
+                    if out.gone:  # left while waiting for a slot: nothing to ask the LLM
+                        out.status, out.result = 499, "user_gone"
+                        return
                     out.connector = session.name
-                    exchange = out.exchange = session.open(scope["method"], scope["path"], query, headers, body)
+                    exchange = out.exchange = session.open(scope["method"], path, query, headers, body)
                     try:
                         failure = await _respond(exchange, send, settings, out)
                     finally:
@@ -236,8 +248,15 @@ async def _respond(exchange: Exchange, send: Send, settings: Settings, out: _Out
                 parts.append(ready.data)
             data = parts[0] if len(parts) == 1 else b"".join(parts)
             out.bytes += len(data)
-            await send({"type": "http.response.body", "body": data, "more_body": True})
+            # A user who stops reading for the idle timeout loses the stream (and its slot).
+            try:
+                async with asyncio.timeout(settings.idle_timeout):
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+            except TimeoutError:
+                out.result = "user_stalled"
+                return None
             # The user took these bytes: the connector may send as many more.
+            exchange.buffered -= len(data)
             unacknowledged += len(data)
             if unacknowledged >= CREDIT_STEP:
                 session.send(Credit(exchange.id, unacknowledged))
@@ -275,8 +294,8 @@ async def _fail_before_head(send: Send, event: ReplyEvent | None, out: _Outcome)
 
 
 def _request_id(given: str | None) -> str:
-    """The user's X-Request-ID if it is a sane token, else a fresh one."""
-    if given and len(given) <= 128 and given.isascii() and given.isprintable():
+    """The user's X-Request-ID if it is a plain token (it goes into log lines), else a fresh one."""
+    if given and _REQUEST_ID.fullmatch(given):
         return given
     return secrets.token_hex(8)
 

@@ -41,8 +41,13 @@ class AtCapacity(RouteError):
 
 
 class Route(NamedTuple, Generic[E]):
+    """(connector, llm_api_key): where the request goes and the key it presents there."""
+
     connector: E
     llm_api_key: str | None
+
+    def __repr__(self) -> str:  # the key stays out of logs and tracebacks
+        return f"Route(connector={self.connector!r})"
 
 
 class ModelRouter(Generic[E]):

@@ -44,6 +44,9 @@ class BrokerArgs:
     poll_lifetime: float | None = field(
         default=None, metadata={"type": float, "help": "seconds before a poll is recycled (300)"}
     )
+    model_refresh: float | None = field(
+        default=None, metadata={"type": float, "help": "seconds between model listings of discovering connectors (60)"}
+    )
     queue_timeout: float | None = field(
         default=None, metadata={"type": float, "help": "seconds a request waits for a free slot (2)"}
     )
@@ -83,6 +86,7 @@ class Settings:
     queue_timeout: float = 2.0  # how long a request may wait for a free slot before 429
     ping_interval: float = 15.0  # also the connector's heartbeat; silence for 3 of them = dead
     poll_lifetime: float = 300.0  # each poll ends after this long; the connector polls again
+    model_refresh: float = 60.0  # how often a connector's LLM is asked for its models again
 
 
 _ENV = {
@@ -96,6 +100,7 @@ _ENV = {
     "log_format": "REMOTELLM_LOG_FORMAT",
     "ping_interval": "REMOTELLM_PING_INTERVAL",
     "poll_lifetime": "REMOTELLM_POLL_LIFETIME",
+    "model_refresh": "REMOTELLM_MODEL_REFRESH",
     "queue_timeout": "REMOTELLM_QUEUE_TIMEOUT",
     "max_body_size": "REMOTELLM_MAX_BODY_SIZE",
 }

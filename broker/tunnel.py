@@ -5,19 +5,22 @@ the relay waits on each ``Exchange``'s event queue. All three meet only here.
 """
 
 import asyncio
-import contextlib
 import itertools
 import secrets
 import time
 from typing import Literal
 
 from broker.config import ConnectorSpec
-from wire import Cancel, Chunk, End, Frame, Head, Hello, Ping, Request
+from wire import INITIAL_CREDIT, Cancel, Chunk, End, Frame, Head, Hello, Ping, Request
 from wire.frames import Headers
 
 _request_ids = itertools.count(1)
 
-Interruption = Literal["connector_lost", "user_gone"]
+Interruption = Literal["connector_lost", "user_gone", "credit_overrun"]
+
+# Reply bytes a connector may have sent beyond what the user read before the broker
+# gives up on it: its credit, and as much again for frames already on the way.
+MAX_AHEAD = 2 * INITIAL_CREDIT
 
 
 class Interrupt:
@@ -35,23 +38,24 @@ ReplyEvent = Head | Chunk | End | Interrupt
 class Exchange:
     """One request in flight on one connector."""
 
-    __slots__ = ("events", "id", "session")
+    __slots__ = ("buffered", "events", "id", "session")
 
     def __init__(self, session: "Session") -> None:
         self.id = next(_request_ids)
         self.session = session
         self.events: asyncio.Queue[ReplyEvent] = asyncio.Queue()
+        self.buffered = 0  # body bytes received, not yet sent to the user
 
 
 class Session:
-    """A registered connector instance. Lives from register until its poll is lost."""
+    """A registered connector instance, from register until it is lost, reaped, revoked,
+    replaced by its own re-registration, or leaves."""
 
-    def __init__(self, spec: ConnectorSpec, hello: Hello, remote: str) -> None:
+    def __init__(self, spec: ConnectorSpec, hello: Hello) -> None:
         self.id = secrets.token_urlsafe(18)
         self.spec = spec
         self.hello = hello
         self.offered: frozenset[str] = frozenset()  # what the connector can serve
-        self.remote = remote
         self.protocol = "?"
         self.connected_at = time.time()
         self.in_flight = 0
@@ -105,13 +109,18 @@ class Session:
     async def next_frames(self, generation: int, timeout: float, until: float) -> list[Frame] | None:
         """Frames for the poll of this generation: a Ping after ``timeout`` of silence,
         None once the poll is over (replaced, closed, or past ``until``)."""
-        remaining = until - time.monotonic()
-        if not self._outbox and not self.closed and remaining > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), min(timeout, remaining))
+        deadline = min(time.monotonic() + timeout, until)
+        while not self._outbox and not self.closed and generation == self.poll_generation:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._wake.clear()  # a wake-up that brought nothing for this poll: wait on
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except TimeoutError:
+                break
         if self.closed or generation != self.poll_generation:
             return None
-        self._wake.clear()
         frames, self._outbox = self._outbox, []
         if frames:
             return frames
@@ -140,6 +149,11 @@ class Session:
         exchange = self.exchanges.get(frame.id)
         if exchange is None:
             return False
+        if isinstance(frame, Chunk):
+            exchange.buffered += len(frame.data)
+            if exchange.buffered > MAX_AHEAD:  # a connector that ignores its credit
+                exchange.events.put_nowait(Interrupt("credit_overrun"))
+                return True
         exchange.events.put_nowait(frame)
         return True
 

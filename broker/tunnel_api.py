@@ -100,7 +100,7 @@ async def poll(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
     generation = hub.poll_attached(session, protocol)
     await send({"type": "http.response.start", "status": 200, "headers": _FRAMES_HEADERS})
     lost = asyncio.Event()
-    watcher = asyncio.ensure_future(_watch(receive, session, lost))
+    watcher = asyncio.ensure_future(_watch(receive, hub, session, generation, lost))
     settings = hub.settings
     until = time.monotonic() + settings.poll_lifetime
     # A first frame at once: some proxies hold the response head until body bytes flow.
@@ -114,10 +114,7 @@ async def poll(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
     finally:
         watcher.cancel()
         session.detach_poll(generation)
-    if lost.is_set():
-        if generation == session.poll_generation:
-            hub.drop(session, "tunnel lost")
-    else:
+    if not lost.is_set():
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
@@ -134,11 +131,13 @@ async def _short_poll(hub: Hub, session: Session, send: Send, protocol: str) -> 
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def _watch(receive: Receive, session: Session, lost: asyncio.Event) -> None:
+async def _watch(receive: Receive, hub: Hub, session: Session, generation: int, lost: asyncio.Event) -> None:
+    """The poll's connection went away: the connector with it, unless a newer poll took over."""
     while (await receive())["type"] != "http.disconnect":
         pass
     lost.set()
-    session.wake()
+    if generation == session.poll_generation:
+        hub.drop(session, "tunnel lost")  # wakes the poll loop, fails the requests in flight
 
 
 async def reply(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
@@ -157,12 +156,12 @@ async def reply(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
                 break
             session.touch()
             for frame in decoder.feed(message.get("body", b"")):
-                if isinstance(frame, (Head, Chunk, End)):
+                if isinstance(frame, End):
+                    session.deliver(frame)
+                    unfinished.discard(frame.id)  # also for requests already over (cancelled)
+                elif isinstance(frame, (Head, Chunk)):
                     if session.deliver(frame):
-                        if isinstance(frame, End):
-                            unfinished.discard(frame.id)
-                        else:
-                            unfinished.add(frame.id)
+                        unfinished.add(frame.id)
                 elif isinstance(frame, Pong):
                     hub.heartbeat(session, frame)
                 elif isinstance(frame, Drain):

@@ -22,15 +22,19 @@ async def run(argv: list[str]) -> int:
         return 2
     status = Status(models=list(settings.models))
     llm = LLMClient(settings.llm_url)
-    health = await serve_health(settings.health_port, status, settings.broker_url) if settings.health_port else None
+    health = (
+        await serve_health(settings.health_port, status, settings.public_broker_url) if settings.health_port else None
+    )
     tunnel = Tunnel(settings, llm, status)
     main = asyncio.create_task(tunnel.run())
     stopping: list[asyncio.Task[None]] = []
 
     async def stop() -> None:
         log.info("stopping: finishing the requests in flight")
-        await tunnel.drain()
-        main.cancel()
+        try:
+            await tunnel.drain()
+        finally:
+            main.cancel()
 
     def on_signal() -> None:
         if stopping:  # a second signal: leave now

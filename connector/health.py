@@ -24,6 +24,7 @@ async def serve_health(port: int, status: Status, broker_url: str) -> asyncio.Se
                         "broker_url": broker_url,
                         "models": status.models,
                         "last_error": status.last_error,
+                        "protocol": status.protocol,
                     }
                 )
                 head = b"HTTP/1.1 200 OK\r\n"

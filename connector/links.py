@@ -45,6 +45,7 @@ def make_client(settings: Settings, *, http2: bool, read_timeout: float | None) 
         http2=http2,
         verify=verify,
         proxy=proxy_for(settings),
+        trust_env=False,  # the proxy is resolved above, once, the way the h2c decision saw it
         limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
         timeout=httpx.Timeout(CONNECT_TIMEOUT, read=read_timeout, write=WRITE_TIMEOUT, pool=None),
     )

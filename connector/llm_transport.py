@@ -74,6 +74,9 @@ class LLMTransport(httpx.AsyncBaseTransport):
                 if conn.reused:  # the server closed an idle connection under us: once more, fresh
                     continue
                 raise httpx.RemoteProtocolError(str(exc) or type(exc).__name__, request=request) from exc
+            except BaseException:  # cancelled: closing the connection is what tells the LLM to stop
+                conn.close()
+                raise
         if not isinstance(response, h11.Response):
             conn.close()
             raise httpx.RemoteProtocolError("no response", request=request)

@@ -1,9 +1,11 @@
 """Connector settings: CLI flags win over environment variables."""
 
 import argparse
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import httpx
 from argparse_dataclass import ArgumentParser
 
 
@@ -51,7 +53,12 @@ class Settings:
     ca_certs: str | None = None
 
     def __repr__(self) -> str:  # the token must not reach a log or a traceback
-        return f"Settings(broker_url={self.broker_url!r}, llm_url={self.llm_url!r}, models={self.models!r})"
+        return f"Settings(broker_url={self.public_broker_url!r}, llm_url={self.llm_url!r}, models={self.models!r})"
+
+    @property
+    def public_broker_url(self) -> str:
+        """The broker's URL without any credentials in it: for logs and health."""
+        return _without_userinfo(self.broker_url)
 
 
 def resolve(args: ConnectorArgs | None, env: Mapping[str, str]) -> Settings:
@@ -77,12 +84,29 @@ def resolve(args: ConnectorArgs | None, env: Mapping[str, str]) -> Settings:
             raise SettingsError("REMOTELLM_HEALTH_PORT must be a port number") from None
     if not 0 <= port <= 65535:
         raise SettingsError("--health-port must be a port number")
+    proxy = args.proxy
+    if proxy is not None:
+        try:
+            if httpx.URL(proxy).scheme not in ("http", "https", "socks5"):
+                raise ValueError
+        except (httpx.InvalidURL, ValueError):
+            raise SettingsError(f"--proxy is not a proxy URL: {_without_userinfo(proxy)!r}") from None
+    ca_certs = args.ca_certs or env.get("REMOTELLM_CA_CERTS") or None
+    if ca_certs is not None and not os.path.isfile(ca_certs):
+        raise SettingsError(f"--ca-certs: no such file: {ca_certs}")
     return Settings(
         broker_url=broker_url,
         token=pick(args.token, "REMOTELLM_CONNECTOR_TOKEN", "--token"),
         llm_url=llm_url,
         models=tuple(dict.fromkeys(models)),
         health_port=port,
-        proxy=args.proxy,
-        ca_certs=args.ca_certs or env.get("REMOTELLM_CA_CERTS") or None,
+        proxy=proxy,
+        ca_certs=ca_certs,
     )
+
+
+def _without_userinfo(url: str) -> str:
+    try:
+        return str(httpx.URL(url).copy_with(username=None, password=None))
+    except httpx.InvalidURL:
+        return "<invalid URL>"

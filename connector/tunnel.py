@@ -1,8 +1,8 @@
 """The connector's side of the tunnel: register, hold the poll, answer each request.
 
-Like cloudflared: one long-lived outbound connection carries the poll, replies are
-streams multiplexed on a few more, and any failure means reconnect with exponential
-backoff and jitter, forever.
+Like cloudflared: long-lived outbound connections — one carries the poll, one the uplink
+with every reply — and any failure means reconnect with exponential backoff and jitter,
+forever; a drain lets the replies in flight finish first.
 """
 
 import asyncio
@@ -20,6 +20,7 @@ from connector.llm import LLMClient
 from connector.settings import Settings
 from connector.uplink import Uplink, UplinkError
 from wire import (
+    DEAD_AFTER_PINGS,
     FRAMES_CONTENT_TYPE,
     INITIAL_CREDIT,
     POLL_PATH,
@@ -52,7 +53,6 @@ log = logging.getLogger("remotellm.connector")
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
 STABLE_AFTER = 30.0  # a session that lasted this long resets the backoff
-MISSED_PINGS = 3  # a poll silent for this many ping intervals is dead
 UPLOAD_GRACE = 10.0  # how long a finished reply may take to leave
 DRAIN_TIMEOUT = 30.0  # how long replies in flight may run on when a session ends gracefully
 POLLS_PER_LINK = 50  # a poll connection is replaced long before any server's request limit
@@ -78,6 +78,7 @@ class Status:
     connected: bool = False
     models: list[str] = field(default_factory=list)
     last_error: str = ""
+    protocol: str = ""  # how the tunnel runs: "HTTP/2", "HTTP/1.1", "... with short polls"
 
 
 def backoff_delay(attempt: int) -> float:
@@ -99,18 +100,22 @@ class Tunnel:
         # How the path to the broker behaves; each flag only ever moves to the safe side.
         self.http2 = not settings.broker_url.startswith("http://") or speaks_h2c(settings)
         self.short_polls = False
+        self.late_first_frames = 0
+        self.stopping = False
 
     async def run(self) -> None:
         attempt = 0
-        while True:
+        while not self.stopping:
             started = time.monotonic()
             session = None
+            winding_down = False
             try:
                 welcome, http2 = await self._register()
                 session = self._current = _Session(self, welcome, http2)
                 await session.serve()
                 # The broker is draining: its replies finish in the background, we move on.
                 task = asyncio.create_task(session.finish(DRAIN_TIMEOUT))
+                winding_down = True
                 self._winding_down.add(task)
                 task.add_done_callback(self._winding_down.discard)
             except Refused as exc:
@@ -119,6 +124,8 @@ class Tunnel:
             except Buffered:
                 attempt = -1  # not a failure of the broker: come back at once
             except (httpx.HTTPError, FrameError, UplinkError, OSError) as exc:
+                if self.stopping:  # the uplink was closed on purpose
+                    return
                 self.status.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("tunnel down: %s", self.status.last_error)
             except Exception as exc:  # a bug must not end the connector: log it and reconnect
@@ -127,8 +134,10 @@ class Tunnel:
             finally:
                 self.status.connected = False
                 self._current = None
-                if session is not None and not session.drained:
+                if session is not None and not winding_down and not self.stopping:
                     await session.abort()
+            if self.stopping:
+                return
             if time.monotonic() - started > STABLE_AFTER:
                 attempt = 0
             delay = backoff_delay(attempt)
@@ -138,6 +147,7 @@ class Tunnel:
 
     async def drain(self) -> None:
         """Graceful stop: the broker stops routing here, replies in flight finish (bounded)."""
+        self.stopping = True
         session = self._current
         if session is not None:
             session.uplink.send(encode(Drain("connector shutting down")))
@@ -201,6 +211,7 @@ class _Session:
         self.windows: dict[int, _Window] = {}
         self.drained = False
         self.last_ping = 0.0
+        self.last_ping_at = time.monotonic()
         self.unechoed_since: float | None = None  # when the oldest Pong not yet echoed left
         self.unechoed_ping = 0.0
         self._uplink_client = make_client(self.settings, http2=http2, read_timeout=None)
@@ -245,7 +256,7 @@ class _Session:
         await self._uplink_client.aclose()
 
     async def _poll_forever(self) -> None:
-        timeout = MISSED_PINGS * self.welcome.ping_interval
+        timeout = DEAD_AFTER_PINGS * self.welcome.ping_interval
         while not self.drained:
             async with make_client(self.settings, http2=self.http2, read_timeout=timeout) as client:
                 for _ in range(POLLS_PER_LINK):
@@ -266,8 +277,11 @@ class _Session:
         interval = self.welcome.ping_interval
         while True:
             await asyncio.sleep(interval)
+            now = time.monotonic()
             waiting = self.unechoed_since
-            held = waiting is not None and time.monotonic() - waiting > UNECHOED_PINGS * interval
+            # Held, not dead: the poll still brings pings (a dead path brings nothing).
+            poll_alive = now - self.last_ping_at < UNECHOED_PINGS * interval
+            held = waiting is not None and now - waiting > UNECHOED_PINGS * interval and poll_alive
             if held and not self.tunnel.short_polls:
                 self.tunnel.short_polls = True
                 log.warning("uploads to the broker arrive only when they end (a buffering proxy?): "
@@ -296,18 +310,23 @@ class _Session:
                     decoder = FrameDecoder()
                     async for data in response.aiter_raw():
                         frames = decoder.feed(data)
-                        if frames:
+                        if frames and first_frame.when() is not None:
                             first_frame.reschedule(None)
+                            self.tunnel.late_first_frames = 0
                         for frame in frames:
                             self._dispatch(frame)
                     decoder.finish()
         except TimeoutError:
-            if first_frame.expired():
-                self.tunnel.short_polls = True
-                log.warning("responses from the broker arrive only when they end (a buffering proxy?): "
-                            "switching to short polls")  # fmt: skip
-                raise Buffered from None
-            raise
+            if not first_frame.expired():
+                raise
+            # Twice in a row, not once: a slow connect or TLS handshake looks the same.
+            self.tunnel.late_first_frames += 1
+            if self.tunnel.late_first_frames < 2:
+                raise httpx.ReadTimeout("no frame from the broker in time") from None
+            self.tunnel.short_polls = True
+            log.warning("responses from the broker arrive only when they end (a buffering proxy?): "
+                        "switching to short polls")  # fmt: skip
+            raise Buffered from None
 
     async def _short_poll(self, client: httpx.AsyncClient) -> None:
         """One poll that the broker ends as soon as it has frames to deliver."""
@@ -323,7 +342,8 @@ class _Session:
         status = self.tunnel.status
         if not status.connected:
             mode = " with short polls" if self.tunnel.short_polls else ""
-            log.info("tunnel up (%s%s) to %s", response.http_version, mode, self.settings.broker_url)
+            status.protocol = response.http_version + mode
+            log.info("tunnel up (%s) to %s", status.protocol, self.settings.public_broker_url)
         status.connected = True
         status.last_error = ""
 
@@ -342,6 +362,7 @@ class _Session:
                 cancelled.cancel()
         elif isinstance(frame, Ping):
             self.last_ping = frame.sent
+            self.last_ping_at = time.monotonic()
             if self.unechoed_since is not None and frame.pong >= self.unechoed_ping:
                 self.unechoed_since = None
         elif isinstance(frame, Models):
@@ -378,6 +399,9 @@ class _Session:
             error, detail = "llm_unreachable", type(exc).__name__
         except httpx.HTTPError as exc:
             error, detail = "llm_failed", type(exc).__name__
+        except Exception as exc:  # a bug, or a request httpx cannot express: say so, never go silent
+            log.exception("request %d failed", request.id)
+            error, detail = "internal", type(exc).__name__
         send(encode(End(request.id, error, detail)))
         if error:
             log.warning("request %d: %s (%s)", request.id, error, detail)

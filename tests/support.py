@@ -113,9 +113,9 @@ class Stack:
     def logs(self) -> str:
         return "\n".join(f"===== {p.name}\n{p.log()}" for p in self.procs)
 
-    def llm(self, *models: str, api_key: str | None = None, name: str = "llm") -> str:
+    def llm(self, *models: str, api_key: str | None = None, name: str = "llm", port: int = 0) -> str:
         """A fake OpenAI server; returns its base URL."""
-        args = [sys.executable, "-m", "fakellm", "--port", "0", "--name", name]
+        args = [sys.executable, "-m", "fakellm", "--port", str(port), "--name", name]
         for model in models:
             args += ["--model", model]
         if api_key:

@@ -70,7 +70,9 @@ def test_parse_full_file() -> None:
 def test_plain_secrets_are_not_kept() -> None:
     config = parse(FULL)
     assert "ct-secret-1" not in repr(config)
-    assert "sk-llm-1" in repr(config)  # the LLM key must be sent on, so it is kept
+    # The LLM key must be sent on, so it is kept — but not shown.
+    assert "sk-llm-1" not in repr(config)
+    assert config.connectors[0].llm_api_key == "sk-llm-1"
 
 
 @pytest.mark.parametrize("text", ["", "# only a comment\n", "connectors:\nuser_api_keys:\n"])
@@ -474,19 +476,22 @@ def test_connector_resolve_from_cli() -> None:
     assert settings.ca_certs is None
 
 
-def test_connector_env_fallbacks() -> None:
+def test_connector_env_fallbacks(tmp_path: Path) -> None:
     env = {**CONNECTOR_ENV, "REMOTELLM_MODELS": " llama3, mistral,,llama3 ", "REMOTELLM_HEALTH_PORT": "9100"}
-    env["REMOTELLM_CA_CERTS"] = "/etc/ca.pem"
+    env["REMOTELLM_CA_CERTS"] = ca = str(tmp_path / "ca.pem")
+    Path(ca).write_text("")
     settings = connector_settings.resolve(None, env)
     assert settings.broker_url == "https://broker.example:8443"
     assert settings.token == "ct-env"
     assert settings.llm_url == "http://127.0.0.1:11434"
     assert settings.models == ("llama3", "mistral")
     assert settings.health_port == 9100
-    assert settings.ca_certs == "/etc/ca.pem"
+    assert settings.ca_certs == ca
 
 
-def test_connector_cli_wins_over_env() -> None:
+def test_connector_cli_wins_over_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("c").write_text("")
     env = {**CONNECTOR_ENV, "REMOTELLM_MODELS": "x,y", "REMOTELLM_HEALTH_PORT": "9100", "REMOTELLM_CA_CERTS": "e"}
     args = connector_settings.parse_cli(
         ["--token", "ct-cli", "--model", "z", "--health-port", "0", "--ca-certs", "c", "--llm-url", "http://o"]
@@ -498,6 +503,15 @@ def test_connector_cli_wins_over_env() -> None:
     assert settings.ca_certs == "c"
     assert settings.llm_url == "http://o"
     assert settings.broker_url == "https://broker.example:8443"
+
+
+def test_connector_refuses_a_missing_ca_file_and_a_bad_proxy() -> None:
+    with pytest.raises(connector_settings.SettingsError, match="--ca-certs: no such file"):
+        connector_settings.resolve(None, {**CONNECTOR_ENV, "REMOTELLM_CA_CERTS": "/nonexistent/ca.pem"})
+    args = connector_settings.parse_cli(["--proxy", "ftp://user:secret@proxy"])
+    with pytest.raises(connector_settings.SettingsError, match="not a proxy URL") as caught:
+        connector_settings.resolve(args, CONNECTOR_ENV)
+    assert "secret" not in str(caught.value)
 
 
 def test_connector_no_models_means_discover() -> None:

@@ -247,6 +247,8 @@ def test_connector_health(cluster: Cluster) -> None:
     assert health["connected"] is True
     assert health["broker_url"] == cluster.broker.url
     assert health["models"] == ["alpha-model", "shared"]
+    assert health["protocol"] == "HTTP/2"
+    assert health["last_error"] == ""
 
 
 def test_metrics(cluster: Cluster) -> None:

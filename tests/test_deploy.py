@@ -25,6 +25,7 @@ UNITS = {role: DEPLOY / "systemd" / f"remotellm-{role}.service" for role in ("br
 PLISTS = {role: DEPLOY / "launchd" / f"com.remotellm.{role}.plist" for role in ("broker", "connector")}
 LINUX = DEPLOY / "install-linux.sh"
 MACOS = DEPLOY / "install-macos.sh"
+COMMON = DEPLOY / "install-common.sh"  # sourced by both
 ROLES = ("broker", "connector")
 # The broker settings the contract lets connectors.yaml carry by their long names.
 CONTRACT_SETTINGS = {"host", "port", "certfile", "keyfile", "first_byte_timeout", "idle_timeout", "log_format"}
@@ -592,7 +593,7 @@ def test_macos_script_refuses_a_service_install_off_macos(tmp_path: Path) -> Non
 # --- the scripts themselves ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("script", [LINUX, MACOS], ids=["linux", "macos"])
+@pytest.mark.parametrize("script", [LINUX, MACOS, COMMON], ids=["linux", "macos", "common"])
 def test_script_syntax_and_shellcheck(script: Path) -> None:
     assert script.stat().st_mode & stat.S_IXUSR, f"{script.name} is not executable"
     syntax = run(["bash", "-n", script])

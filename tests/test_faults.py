@@ -11,6 +11,7 @@ import time
 import httpx
 import pytest
 
+from tests.faultrelay import FaultRelay
 from tests.support import Stack, free_port, wait_until
 from wire import (
     REGISTER_PATH,
@@ -322,3 +323,23 @@ def test_total_timeout_ends_a_long_stream(stack: Stack) -> None:
     wait_until(lambda: fake_state(llm)["cancelled"] == 1, timeout=5, what="the cancel to reach the LLM")
     resp = httpx.post(broker.url + "/v1/chat/completions", json=body(head_delay_ms=3000), headers=USER)
     assert resp.status_code == 504
+
+
+def test_a_black_holed_path_is_noticed_both_ways_and_healed(stack: Stack) -> None:
+    """A NAT or proxy that drops the connection without a FIN: both sides find out from the
+    silence (pings one way, heartbeats the other), and the tunnel comes back afterwards."""
+    broker = stack.broker(CONFIG, env=FAST)
+    relay = FaultRelay("127.0.0.1", int(broker.url.rsplit(":", 1)[1]))
+    try:
+        connector = stack.connector(relay.url, "tok-one", stack.llm("m"), "m")
+        broker.wait_models("m")
+        relay.blackhole()
+        started = time.monotonic()
+        wait_until(lambda: broker.health()["connectors"] == 0, timeout=5, what="the broker to drop it")
+        wait_until(lambda: "tunnel down" in connector.log(), timeout=5, what="the connector to notice")
+        assert time.monotonic() - started < 4
+        relay.restore()
+        broker.wait_models("m", connectors=1, timeout=15)
+        assert httpx.post(broker.url + "/v1/chat/completions", json=body(), headers=USER).status_code == 200
+    finally:
+        relay.close()

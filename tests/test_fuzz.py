@@ -17,6 +17,7 @@ import json
 import queue
 import string
 import threading
+import typing
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from wire import (
     Credit,
     Drain,
     End,
+    ErrorKind,
     Frame,
     FrameDecoder,
     FrameError,
@@ -78,7 +80,7 @@ FUZZ = settings(
     database=None,
 )
 REPLY_KINDS = (Head, Chunk, End, Pong, Drain)  # what a reply body may carry
-ERROR_KINDS = [None, "llm_unreachable", "llm_failed", "cancelled", "overloaded", "internal", "bogus"]
+ERROR_KINDS = [None, *typing.get_args(ErrorKind), "bogus"]  # the last one is not a kind
 
 
 # --- the broker under test ----------------------------------------------------------

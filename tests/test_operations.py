@@ -5,7 +5,7 @@ import time
 
 import httpx
 
-from tests.support import Stack, wait_until
+from tests.support import Stack, free_port, wait_until
 
 BEFORE = """
 user_api_keys: [sk-old]
@@ -76,3 +76,16 @@ def test_a_broken_config_keeps_the_old_one(stack: Stack) -> None:
     assert "broker-connectors.yaml:2" in broker.proc.log()
     time.sleep(0.2)
     assert chat(broker.url, "sk-old").status_code == 200
+
+
+def test_models_are_listed_again_while_the_llm_changes(stack: Stack) -> None:
+    """A connector started without --model follows its LLM loading a new model."""
+    broker = stack.broker(BEFORE, user_keys=("sk-old",), env={"REMOTELLM_MODEL_REFRESH": "0.5"})
+    port = free_port()
+    first = stack.llm("m", port=port, name="llm-first")
+    stack.connector(broker.url, "tok-one", first)
+    broker.wait_models("m")
+    stack.procs[-2].kill()
+    stack.llm("m", "m-new", port=port, name="llm-second")
+    broker.wait_models("m", "m-new", timeout=10)
+    assert chat(broker.url, "sk-old", model="m-new").status_code == 200

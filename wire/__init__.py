@@ -5,6 +5,7 @@ the tests import this one definition. Nothing here touches a socket or an event 
 """
 
 from wire.endpoints import (
+    DEAD_AFTER_PINGS,
     FRAMES_CONTENT_TYPE,
     PARTIAL_HEADER,
     POLL_PATH,
@@ -34,6 +35,7 @@ from wire.frames import (
 from wire.framing import MAX_FRAME_SIZE, FrameDecoder, FrameError, decode_all, encode, encode_many
 
 __all__ = [
+    "DEAD_AFTER_PINGS",
     "FRAMES_CONTENT_TYPE",
     "INITIAL_CREDIT",
     "MAX_FRAME_SIZE",

@@ -2,9 +2,11 @@
 
 REGISTER_PATH = "/tunnel/v1/register"  # POST a Hello frame, get a Welcome frame back
 POLL_PATH = "/tunnel/v1/poll"  # GET: a streaming response of broker → connector frames
-REPLY_PATH = "/tunnel/v1/reply"  # POST: a streaming body of one request's reply frames
+REPLY_PATH = "/tunnel/v1/reply"  # POST: a streaming body of reply frames (the connector's uplink)
 
 SESSION_HEADER = "x-remotellm-session"
+# Either side takes the other for dead after this many ping intervals without a sign of life.
+DEAD_AFTER_PINGS = 3
 # A reply body that carries only part of its requests' frames: more follow in later bodies.
 PARTIAL_HEADER = "x-remotellm-partial"
 # A poll the broker ends as soon as it has frames (for paths that buffer whole responses).

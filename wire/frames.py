@@ -21,7 +21,6 @@ ErrorKind = Literal[
     "llm_unreachable",  # connect/DNS/TLS failure towards the LLM
     "llm_failed",  # the LLM broke the connection or the protocol mid-response
     "cancelled",  # the broker asked to cancel
-    "overloaded",  # the connector refused more work
     "internal",  # a bug in the connector
 ]
 
