@@ -1,10 +1,13 @@
 """``python -m connector``: dial out to the broker and serve the local LLM through it."""
 
 import asyncio
+import importlib
+import importlib.util
 import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 from connector.health import serve_health
 from connector.llm import LLMClient
@@ -56,10 +59,16 @@ async def run(argv: list[str]) -> int:
     return 0
 
 
+def _fastest_loop() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when it is installed (the [speed] extra): less CPU per relayed frame."""
+    return importlib.import_module("uvloop").new_event_loop if importlib.util.find_spec("uvloop") else None
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    return asyncio.run(run(sys.argv[1:] if argv is None else argv))
+    with asyncio.Runner(loop_factory=_fastest_loop()) as runner:
+        return runner.run(run(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":
