@@ -51,8 +51,7 @@ class Hub:
         self.queued = 0
         self.request_log = RequestLog(settings.log_format)
         self.sessions: dict[str, Session] = {}
-        allowlisted = frozenset().union(*(s.models or () for s in settings.connectors))
-        self.router: ModelRouter[Session] = ModelRouter(allowlisted)
+        self.router: ModelRouter[Session] = ModelRouter(_allowlisted(settings))
         self._token_digests = tuple(spec.token_digest for spec in settings.connectors)
         self._slot_freed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -147,7 +146,7 @@ class Hub:
         )
         self._token_digests = tuple(spec.token_digest for spec in settings.connectors)
         specs = {spec.token_digest: spec for spec in settings.connectors}
-        self.router.know(frozenset().union(*(s.models or () for s in settings.connectors)))
+        self.router.know(_allowlisted(settings))
         for session in list(self.sessions.values()):
             spec = specs.get(session.spec.token_digest)
             if spec is None:
@@ -325,6 +324,11 @@ async def _collect(exchange: Exchange) -> tuple[int, bytes, bool]:
             return (status if event.error is None else 0), b"".join(parts), True
         elif isinstance(event, Interrupt):
             return 0, b"", False
+
+
+def _allowlisted(settings: Settings) -> frozenset[str]:
+    """Every model some token's allowlist names: known (503, not 404) before any connector."""
+    return frozenset().union(*(spec.models or () for spec in settings.connectors))
 
 
 def _models_text(hello: Hello) -> str:

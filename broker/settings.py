@@ -89,30 +89,14 @@ class Settings:
     model_refresh: float = 60.0  # how often a connector's LLM is asked for its models again
 
 
-_ENV = {
-    "host": "REMOTELLM_HOST",
-    "port": "REMOTELLM_PORT",
-    "certfile": "REMOTELLM_CERTFILE",
-    "keyfile": "REMOTELLM_KEYFILE",
-    "first_byte_timeout": "REMOTELLM_FIRST_BYTE_TIMEOUT",
-    "idle_timeout": "REMOTELLM_IDLE_TIMEOUT",
-    "total_timeout": "REMOTELLM_TOTAL_TIMEOUT",
-    "log_format": "REMOTELLM_LOG_FORMAT",
-    "ping_interval": "REMOTELLM_PING_INTERVAL",
-    "poll_lifetime": "REMOTELLM_POLL_LIFETIME",
-    "model_refresh": "REMOTELLM_MODEL_REFRESH",
-    "queue_timeout": "REMOTELLM_QUEUE_TIMEOUT",
-    "max_body_size": "REMOTELLM_MAX_BODY_SIZE",
-}
-
-
 def resolve(args: BrokerArgs | None, env: Mapping[str, str]) -> Settings:
     """Merge the three layers; raises ConfigError naming the offending source."""
     args = args or BrokerArgs()
     config_path = args.connector_config or env.get("REMOTELLM_CONNECTOR_CONFIG")
     file = load_file(config_path) if config_path else None
     values: dict[str, Any] = dict(file.settings) if file else {}
-    for name, var in _ENV.items():
+    for name in SETTINGS:
+        var = f"REMOTELLM_{name.upper()}"
         for source, value in ((var, env.get(var)), (f"--{name.replace('_', '-')}", getattr(args, name))):
             if value is None or value == "":
                 continue
