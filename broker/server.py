@@ -136,5 +136,6 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
         exception_handlers={404: _http_error, 405: _http_error},
         lifespan=lifespan,
     )
+    app.router.redirect_slashes = False  # a redirect would send clients to a path nobody forwards
     app.state.hub = hub
     return app
