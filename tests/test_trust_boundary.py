@@ -8,7 +8,10 @@ the very targets under test.
 
 import asyncio
 import json
+import logging
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +24,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from broker.asgi import Message, Receive, Scope, Send
+from broker.edge import CanonicalTarget
+from connector import __main__ as connector_main
 from connector.llm import Forbidden, LLMClient
 from tests.recorder import Recorder
 from tests.support import BrokerHandle, Stack, wait_until
@@ -431,3 +437,58 @@ def test_bodies_held_at_once_are_bounded_and_the_rest_get_503(stack: Stack, tmp_
     assert grown_mib < 64, f"the broker grew by {grown_mib:.0f} MiB"
     wait_until(lambda: httpx.get(broker.url + "/health").status_code == 200, what="the broker to serve")
     print(f"broker RSS grew by {grown_mib:.1f} MiB; {busy} of 40 uploads answered 503")
+
+
+# --- secrets and clear text ---------------------------------------------------------------------
+
+
+def test_a_key_with_edge_whitespace_stops_the_broker_at_start_without_showing_it(tmp_path: Path) -> None:
+    config = tmp_path / "connectors.yaml"
+    config.write_text("user_api_keys:\n  - 'sk-edge-secret '\nconnectors:\n  - token: \"\\tct-edge-secret\"\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "broker", "--connector-config", str(config)], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 2
+    assert f"{config}:2:" in done.stderr and "visible ASCII" in done.stderr
+    assert "edge-secret" not in done.stdout + done.stderr
+
+
+def test_the_broker_warns_once_when_it_serves_a_public_address_in_clear_text(caplog: pytest.LogCaptureFixture) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def nothing() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def sent(message: Message) -> None:
+        pass
+
+    edge_app = CanonicalTarget(app)
+
+    def scope(server: str, scheme: str) -> Scope:
+        return {"type": "http", "path": "/health", "raw_path": b"/health", "query_string": b"", "headers": [],
+                "scheme": scheme, "server": (server, 8443)}  # fmt: skip
+
+    async def requests() -> None:
+        for server, scheme in (("127.0.0.1", "http"), ("::1", "http"), ("10.1.2.3", "https"), ("10.1.2.3", "http")):
+            await edge_app(scope(server, scheme), nothing, sent)
+        await edge_app(scope("10.1.2.3", "http"), nothing, sent)
+
+    with caplog.at_level(logging.WARNING, logger="remotellm.broker"):
+        asyncio.run(requests())
+    warnings = [r.getMessage() for r in caplog.records if "without TLS" in r.getMessage()]
+    assert warnings == [warnings[0]] and "10.1.2.3" in warnings[0]
+
+
+@pytest.mark.parametrize(
+    ("url", "warned"),
+    [("http://127.0.0.1:8443", False), ("http://localhost:1", False), ("https://broker.example", False),
+     ("http://broker.example:8443", True), ("http://10.0.0.1:8443", True)],
+)  # fmt: skip
+def test_the_connector_warns_about_a_cleartext_broker_elsewhere(
+    url: str, warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="remotellm.connector"):
+        connector_main._warn_cleartext(url)
+    assert any("clear text" in r.getMessage() for r in caplog.records) is warned
