@@ -31,8 +31,8 @@ async def messages(x: Exchange) -> None:
     body = x.decode(MessagesBody)
     if not await x.prelude(streaming=body.stream):
         return
-    pieces = x.pieces(body.max_tokens)
-    stop = "max_tokens" if len(pieces) < len(x.pieces()) else "end_turn"
+    pieces, cut = x.reply(body.max_tokens)
+    stop = "max_tokens" if cut else "end_turn"
     message = {
         "id": x.new_id("msg"),
         "type": "message",

@@ -87,7 +87,7 @@ async def _read_form(x: Exchange) -> dict[str, Any] | None:
                 fields[part.name] = b"".join(part.kept).decode(errors="replace")
             elif part.name == "file":
                 upload = {"filename": part.filename, "size": part.size, "sha256": part.digest.hexdigest()}
-    x.note_body(size, whole, None)
+    x.note_body(size, whole.hexdigest(), None)
     x.record["form"] = fields
     x.record["upload"] = upload
     return upload

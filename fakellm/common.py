@@ -96,12 +96,12 @@ class Exchange:
 
     async def read(self) -> bytes:
         self.raw = await self.conn.read_body()
-        self.note_body(len(self.raw), hashlib.sha256(self.raw), self.raw)
+        self.note_body(len(self.raw), hashlib.sha256(self.raw).hexdigest(), self.raw)
         return self.raw
 
-    def note_body(self, size: int, digest: Any, raw: bytes | None) -> None:
+    def note_body(self, size: int, sha256: str, raw: bytes | None) -> None:
         self.record["body_size"] = size
-        self.record["body_sha256"] = digest.hexdigest()
+        self.record["body_sha256"] = sha256
         self.record["body"] = _text(raw) if raw is not None and size <= RECORDED_BODY else None
 
     def decode(self, kind: type[B]) -> B:
@@ -145,8 +145,13 @@ class Exchange:
     async def send_json(self, obj: Any, status: int = 200) -> None:
         await self.conn.send(status, encode(obj), JSON)
 
-    def pieces(self, limit: int | None = None) -> list[str]:
-        """Reply text as stream chunks (at most `limit`); joined, it is the JSON reply's text."""
+    def reply(self, limit: int | None) -> tuple[list[str], bool]:
+        """The reply's pieces, at most `limit` (a max_tokens), and whether the limit cut it."""
+        pieces = self.pieces()
+        return pieces[:limit], limit is not None and len(pieces) > limit
+
+    def pieces(self) -> list[str]:
+        """Reply text as stream chunks; joined, it is the JSON reply's text."""
         knobs = self.knobs
         if knobs.echo_headers:
             pieces = [encode(self.req.headers).decode()]
@@ -157,7 +162,7 @@ class Exchange:
         size = sum(map(len, pieces))
         if knobs.pad_bytes is not None and knobs.pad_bytes > size:
             pieces.append(" " + "x" * (knobs.pad_bytes - size - 1))
-        return pieces if limit is None else pieces[:limit]
+        return pieces
 
     def new_id(self, prefix: str) -> str:
         """Ids carry the server's name, so a test can tell which LLM made an object."""

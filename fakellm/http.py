@@ -84,24 +84,24 @@ class Conn:
 
     async def _chunks(self, headers: dict[str, str]) -> AsyncIterator[bytes]:
         if "chunked" not in headers.get("transfer-encoding", "").lower():
-            remaining = int(headers.get("content-length", "0"))
-            while remaining:
-                chunk = await self.reader.read(min(remaining, _READ))
-                if not chunk:
-                    raise asyncio.IncompleteReadError(b"", remaining)
-                remaining -= len(chunk)
-                yield chunk
+            async for piece in self._exactly(int(headers.get("content-length", "0"))):
+                yield piece
             return
         while size := int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16):
-            while size:
-                chunk = await self.reader.read(min(size, _READ))
-                if not chunk:
-                    raise asyncio.IncompleteReadError(b"", size)
-                size -= len(chunk)
-                yield chunk
+            async for piece in self._exactly(size):
+                yield piece
             await self.reader.readexactly(2)
         while await self.reader.readuntil(b"\r\n") != b"\r\n":
             pass  # skip trailers
+
+    async def _exactly(self, size: int) -> AsyncIterator[bytes]:
+        """`size` bytes as they arrive, in pieces: an upload is never held whole."""
+        while size:
+            piece = await self.reader.read(min(size, _READ))
+            if not piece:
+                raise asyncio.IncompleteReadError(b"", size)
+            size -= len(piece)
+            yield piece
 
     def _head(self, status: int, ctype: bytes, framing: bytes) -> bytes:
         close = b"" if self.keep_alive else b"Connection: close\r\n"

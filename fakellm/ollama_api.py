@@ -93,12 +93,12 @@ async def _generate(x: Exchange, *, chat: bool) -> None:
     if not await x.prelude(streaming=body.stream):
         return
     cap = body.options.num_predict if body.options is not None else None
-    pieces = x.pieces(cap)
+    pieces, cut = x.reply(cap)
     prompt = words(body.prompt, body.system, *(content_text(m.get("content")) for m in body.messages))
     head = {"model": body.model or x.llm.models[0], "created_at": _now()}
     final = {
         "done": True,
-        "done_reason": "length" if len(pieces) < len(x.pieces()) else "stop",
+        "done_reason": "length" if cut else "stop",
         "total_duration": 1_000_000,
         "load_duration": 10_000,
         "prompt_eval_count": prompt,

@@ -68,8 +68,8 @@ async def _complete(x: Exchange, *, chat: bool) -> None:
     if not await x.prelude(streaming=body.stream):
         return
     cap = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    pieces = x.pieces(cap)
-    finish = "length" if cap is not None and len(pieces) == cap < len(x.pieces()) else "stop"
+    pieces, cut = x.reply(cap)
+    finish = "length" if cut else "stop"
     prompt = words(*(content_text(m.get("content")) for m in body.messages))
     prompt += words(*([body.prompt] if isinstance(body.prompt, str) else body.prompt))
     head = {

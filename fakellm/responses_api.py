@@ -82,7 +82,7 @@ async def create(x: Exchange) -> None:
     if not await x.prelude(streaming=body.stream):
         return
     inputs = _input_items(x, body)
-    pieces = x.pieces(body.max_output_tokens)
+    pieces, cut = x.reply(body.max_output_tokens)
     prompt = words(body.instructions, *(content_text(i["content"]) for i in inputs))
     response: dict[str, Any] = {
         "id": x.new_id("resp"),
@@ -111,7 +111,8 @@ async def create(x: Exchange) -> None:
     item_id = x.new_id("msg")
     done = {
         **response,
-        "status": "in_progress" if body.background else "completed",
+        "status": "in_progress" if body.background else "incomplete" if cut else "completed",
+        "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
         "output": [_message(item_id, "".join(pieces), "completed")],
         "usage": _usage(prompt, len(pieces)),
     }
@@ -138,7 +139,7 @@ def _events(response: dict[str, Any], done: dict[str, Any], item_id: str, pieces
         {"type": "response.output_text.done", **at, "text": text, "logprobs": []},
         {"type": "response.content_part.done", **at, "part": {**part, "text": text}},
         {"type": "response.output_item.done", "output_index": 0, "item": done["output"][0]},
-        {"type": "response.completed", "response": done},
+        {"type": f"response.{'incomplete' if done['status'] == 'incomplete' else 'completed'}", "response": done},
     ]
     for number, event in enumerate(events):
         yield sse(encode({**event, "sequence_number": number}), event["type"])

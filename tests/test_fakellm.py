@@ -310,6 +310,9 @@ def test_responses_json_by_id_and_chaining(start: Start) -> None:
     client.responses.delete(first.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(first.id)
+    capped = client.responses.create(model="m1", input="x", max_output_tokens=2, store=False)
+    assert capped.status == "incomplete" and capped.output_text == "tok0 tok1"
+    assert capped.incomplete_details is not None and capped.incomplete_details.reason == "max_output_tokens"
     unstored = client.responses.create(model="m1", input="x", store=False)
     assert unstored.id not in state(url)["responses"] == [second.id]
 
