@@ -36,7 +36,8 @@ _CHUNK_FIELDS = frozenset(
 # Responses and Anthropic events whose usage is the request's final count.
 _FINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed", "message_delta"})
 _USAGE_NULL = (re.compile(rb',\s*"usage"\s*:\s*null'), re.compile(rb'"usage"\s*:\s*null\s*,'))
-_SEPARATORS = (b"\n\n", b"\r\n\r\n")
+# Where an event ends: a blank line, as LLM servers write them. One regex scans once for both.
+_EVENT_END = {"sse": re.compile(rb"\r\n\r\n|\n\n"), "ndjson": re.compile(rb"\n")}
 _decode = msgspec.json.decode
 _encode = msgspec.json.encode
 
@@ -77,7 +78,7 @@ def _object(raw: bytes | None) -> dict[str, bytes] | None:
         raw = b"{}"
     try:
         fields = _decode(raw, type=dict[str, msgspec.Raw])
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):  # msgspec limits nesting
         return None
     return {key: bytes(value) for key, value in fields.items()}
 
@@ -96,19 +97,23 @@ def _prompt_chars(fields: dict[str, bytes] | None) -> int:
         if key in fields:
             try:
                 total += _text_chars(_decode(fields[key]))
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, RecursionError):
                 continue
     return total
 
 
 def _text_chars(value: Any) -> int:
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, list):
-        return sum(map(_text_chars, value))
-    if isinstance(value, dict):
-        return sum(_text_chars(v) for k, v in value.items() if k in ("content", "text", "input"))
-    return 0
+    """Characters of the strings in a prompt's messages or parts (iterative: bodies come from users)."""
+    total, todo = 0, [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, list):
+            todo += item
+        elif isinstance(item, dict):
+            todo += [v for k, v in item.items() if k in ("content", "text", "input")]
+    return total
 
 
 class _Tally:
@@ -212,8 +217,10 @@ class UsageMeter:
         self._tally = _Tally(prompt_chars)
         self._mode: Literal["sse", "ndjson", "json", "pass"] = "pass"  # until start() says otherwise
         self._streamed = False  # an SSE or NDJSON body: one cut short can be estimated
-        self._pending = b""  # bytes of the event (SSE) or line (NDJSON) not complete yet; a JSON body
-        self._scanned = 0  # how much of _pending is known to hold no separator
+        # Bytes of the events (SSE) or lines (NDJSON) not processed yet, or the JSON body so far.
+        self._pending = bytearray()  # appended to in place: a long line in tiny chunks stays linear
+        self._done = 0  # how much of _pending the current feed has processed
+        self._scanned = 0  # how much of _pending is known to hold no event end
         self._held = b""  # a finished chunk kept until we know whether a usage chunk follows
         self._out: list[bytes] = []  # processed events of the current feed, not yet returned
 
@@ -235,12 +242,12 @@ class UsageMeter:
 
     def close(self) -> bytes:
         """The end of the body, complete or cut short: returns what is still held back."""
-        out = self._held + self._pending if self._holding else b""
+        out = self._held + bytes(self._pending) if self._holding else b""
         try:
             self._finish()
         except Exception:
             self._streamed = False
-        self._held = self._pending = b""
+        self._held, self._pending = b"", bytearray()
         self._mode = "pass"
         return out
 
@@ -258,31 +265,26 @@ class UsageMeter:
             if len(self._pending) > MAX_JSON:
                 raise ValueError("JSON body too large to meter")
             return chunk
-        separators = _SEPARATORS if self._mode == "sse" else (b"\n",)
-        while (end := self._boundary(separators)) is not None:
-            frame = self._pending[:end]
+        event_end = _EVENT_END[self._mode]
+        # Events are cut out by offset, and the buffer trimmed once: many tiny events stay linear.
+        while found := event_end.search(self._pending, max(self._done, self._scanned)):
+            frame = bytes(self._pending[self._done : found.end()])
             self._out.append(self._event(frame) if self._mode == "sse" else self._line(frame))
-            self._pending = self._pending[end:]
-            self._scanned = 0
+            self._done = found.end()
+        del self._pending[: self._done]
+        self._done = 0
+        self._scanned = max(0, len(self._pending) - 3)  # an end split across chunks is found next time
         if len(self._pending) > MAX_EVENT:
             raise ValueError("SSE event or NDJSON line too long to meter")
         out = b"".join(self._out)
         self._out.clear()
         return out
 
-    def _boundary(self, separators: tuple[bytes, ...]) -> int | None:
-        """End (separator included) of the first complete event in _pending, or None."""
-        ends = [at + len(sep) for sep in separators if (at := self._pending.find(sep, self._scanned)) >= 0]
-        if not ends:
-            self._scanned = max(0, len(self._pending) - 3)  # rescanning a long line again and again is quadratic
-            return None
-        return min(ends)
-
     def _give_up(self, chunk: bytes) -> bytes:
         """Stop metering and pass everything through from now on, losing no byte held back."""
-        out = b"".join(self._out) + self._held + self._pending if self._holding else chunk
+        out = b"".join([*self._out, self._held, self._pending[self._done :]]) if self._holding else chunk
         self._out.clear()
-        self._held = self._pending = b""
+        self._held, self._pending, self._done = b"", bytearray(), 0
         self._mode = "pass"
         self._streamed = False
         return out
@@ -311,21 +313,23 @@ class UsageMeter:
             return out
         return out + raw
 
-    def _release(self, extra: bytes = b"") -> bytes:
-        """The held chunk, with `extra` fields spliced in before its closing brace."""
+    def _release(self, extra: dict[str, bytes] | None = None) -> bytes:
+        """The held chunk, with the `extra` fields it lacks spliced in before its closing brace."""
         held, self._held = self._held, b""
         if held and extra:
+            present = _object(_sse_data(held)) or {}
+            fields = b"".join(b"," + _encode(k) + b":" + v for k, v in extra.items() if k not in present)
             brace = held.rfind(b"}")
-            held = held[:brace] + extra + held[brace:]
+            held = held[:brace] + fields + held[brace:]
         return held
 
     def _finish(self) -> None:
         if self._mode == "json":
-            obj = _json_object(self._pending)
+            obj = _json_object(bytes(self._pending))
             if obj is not None:
                 self._tally.see(obj, complete=True)
         elif self._mode == "ndjson" and self._pending.strip():
-            self._line(self._pending)
+            self._line(bytes(self._pending))
 
 
 _MODES: dict[str, Literal["sse", "ndjson", "json", "pass"]] = {
@@ -350,15 +354,14 @@ def _json_object(data: bytes) -> dict[str, Any] | None:
         return None  # `[DONE]`, pings, blank keep-alive lines
     try:
         obj = _decode(data)
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):  # msgspec limits nesting
         return None
     return obj if isinstance(obj, dict) else None
 
 
-def _extra_fields(data: bytes) -> bytes:
-    """`,"key":value` for the fields a usage-only chunk carries beyond the usual ones, bytes kept."""
-    fields = _object(data) or {}
-    return b"".join(b"," + _encode(k) + b":" + v for k, v in fields.items() if k not in _CHUNK_FIELDS)
+def _extra_fields(data: bytes) -> dict[str, bytes]:
+    """The fields a usage-only chunk carries beyond those of every chunk, as raw bytes."""
+    return {k: v for k, v in (_object(data) or {}).items() if k not in _CHUNK_FIELDS}
 
 
 def _without_usage_null(raw: bytes) -> bytes:

@@ -253,3 +253,29 @@ def test_json_garbage_inside_events_is_forwarded(cuts: list[int]) -> None:
     meter = stripping_meter()
     assert run(meter, split(raw, cuts)) == raw
     assert meter.result() == Usage(3, 3, "estimated")  # no usage reported: estimated from the text
+
+
+def test_hostile_request_bodies_are_left_alone() -> None:
+    deep = b'{"stream":true,"messages":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    body, meter = prepare("POST", CHAT, deep)
+    assert body is deep and not meter.strip
+    nested = b'{"stream":true,"messages":[' + b'{"content":[' * 200 + b'"abcd"' + b"]}" * 200 + b"]}"
+    body, meter = prepare("POST", CHAT, nested)
+    assert meter.strip and json.loads(body)["messages"] == json.loads(nested)["messages"]
+
+
+def test_moved_fields_are_not_duplicated() -> None:
+    """A server that puts `timings` in both chunks keeps the finish chunk's own."""
+    both = b"".join([chunk(FINISH, "," + TIMINGS), chunk("", USAGE + ',"timings":{"other":1}'), b"data: [DONE]\n\n"])
+    meter = stripping_meter()
+    assert run(meter, [both]) == chunk(FINISH, "," + TIMINGS) + b"data: [DONE]\n\n"
+
+
+def test_many_events_in_one_chunk_and_one_byte_chunks() -> None:
+    events = [chunk(f'{{"index":0,"delta":{{"content":"{i}"}}}}') for i in range(5000)]
+    raw = b"".join([*events, chunk(FINISH), chunk("", USAGE), b"data: [DONE]\n\n"])
+    expected = b"".join([*events, chunk(FINISH), b"data: [DONE]\n\n"])
+    for pieces in ([raw], [raw[i : i + 1] for i in range(len(raw))]):
+        meter = stripping_meter()
+        assert run(meter, pieces) == expected
+        assert meter.result() == Usage(7, 2, "reported")
