@@ -23,7 +23,7 @@ import msgspec
 
 Source = Literal["reported", "estimated", "unknown"]
 
-MAX_EVENT = 1 << 20  # an SSE event or NDJSON line longer than this ends metering
+MAX_EVENT = 4 << 20  # an SSE event or NDJSON line longer than this ends metering (Ollama's `context` is long)
 MAX_JSON = 8 << 20  # a JSON body longer than this is not parsed for usage
 CHARS_PER_TOKEN = 4  # the usual rough ratio, for estimates only
 # Chat and legacy completions accept stream_options (OpenAI, vLLM, llama.cpp, Ollama's /v1).
@@ -44,6 +44,8 @@ _encode = msgspec.json.encode
 
 @dataclass(frozen=True)
 class Usage:
+    """Tokens of one request and how we know them: reported by the LLM, estimated, or unknown."""
+
     prompt_tokens: int
     completion_tokens: int
     source: Source
@@ -59,6 +61,13 @@ def prepare(method: str, path: str, body: bytes) -> tuple[bytes, UsageMeter]:
     A streaming chat/completions request whose client did not ask for usage gets
     ``stream_options.include_usage: true``; every other body is returned unchanged.
     """
+    try:
+        return _prepare(method, path, body)
+    except Exception:  # a body no rule foresaw is forwarded as it came, unmetered
+        return body, UsageMeter()
+
+
+def _prepare(method: str, path: str, body: bytes) -> tuple[bytes, UsageMeter]:
     fields = _object(body) if method == "POST" else None
     meter = UsageMeter(_prompt_chars(fields))
     if fields is None or path not in USAGE_OPTION_PATHS or fields.get("stream") != b"true":
@@ -252,6 +261,7 @@ class UsageMeter:
         return out
 
     def result(self) -> Usage:
+        """The usage so far; after close(), the request's."""
         return self._tally.result(self._streamed)
 
     @property

@@ -164,9 +164,9 @@ class Exchange:
             pieces.append(" " + "x" * (knobs.pad_bytes - size - 1))
         return pieces
 
-    def new_id(self, prefix: str) -> str:
-        """Ids carry the server's name, so a test can tell which LLM made an object."""
-        return f"{prefix}_{self.llm.name}_{self.llm.requests}"
+    def new_id(self, prefix: str, sep: str = "_") -> str:
+        """Ids carry the server's name, so a test can tell which LLM made an object; never reused."""
+        return f"{prefix}{sep}{self.llm.name}{sep}{next(self.llm.serial)}"
 
     async def stream(self, ctype: bytes, chunks: Iterable[bytes]) -> None:
         """Send `chunks` as a chunked body, honouring delay_ms and die_after; count hang-ups."""

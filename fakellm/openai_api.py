@@ -73,7 +73,7 @@ async def _complete(x: Exchange, *, chat: bool) -> None:
     prompt = words(*(content_text(m.get("content")) for m in body.messages))
     prompt += words(*([body.prompt] if isinstance(body.prompt, str) else body.prompt))
     head = {
-        "id": x.new_id("chatcmpl" if chat else "cmpl"),
+        "id": x.new_id("chatcmpl" if chat else "cmpl", "-"),
         "object": "chat.completion" if chat else "text_completion",
         "created": now(),
         "model": body.model or x.llm.models[0],

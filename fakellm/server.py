@@ -28,6 +28,7 @@ bridge forwards bodies unchanged) or, for multipart and GET requests, an
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 from collections import deque
 from collections.abc import Sequence
@@ -94,6 +95,7 @@ class FakeLLM:
         self.cancelled = 0
         self.last_requests: deque[dict[str, Any]] = deque(maxlen=50)
         self.responses = responses_api.Store()
+        self.serial = itertools.count(1)  # for ids: unlike `requests`, never reset
         self.server: asyncio.Server | None = None
         self._open: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
         self._name = name.encode()
