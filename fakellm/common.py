@@ -107,7 +107,7 @@ class Exchange:
     def decode(self, kind: type[B]) -> B:
         """The JSON body as `kind`; its `fake` knobs apply unless the X-Fake header set them."""
         try:
-            body = msgspec.json.decode(self.raw or b"{}", type=kind)
+            body = msgspec.json.decode(self.raw, type=kind)
         except msgspec.DecodeError as exc:  # ValidationError is a DecodeError too
             raise Failed(400, f"invalid request body: {exc}", "invalid_json") from None
         self.record["model"] = body.model
