@@ -137,3 +137,12 @@ def test_cut_stream_is_estimated(llm: str) -> None:
     assert forwarded == received[: len(forwarded)] and b'"usage"' not in forwarded
     assert usage.source == "estimated"
     assert usage.prompt_tokens >= 1 and 1 <= usage.completion_tokens <= 6
+
+
+def test_responses_stream_usage(llm: str) -> None:
+    fields = {"model": "smollm2", "temperature": 0, "max_output_tokens": 24, "input": "Name 3 fruits.", "stream": True}
+    ask = httpx.Request("POST", "http://x", json=fields).read()
+    forwarded, received, usage = metered(llm, "/v1/responses", ask)
+    assert forwarded == received and b"event: response.completed" in received
+    found = re.findall(rb'"usage":\{"input_tokens":(\d+),"output_tokens":(\d+)', received)
+    assert usage == Usage(int(found[-1][0]), int(found[-1][1]), "reported") and usage.completion_tokens > 0
