@@ -1,4 +1,4 @@
-"""Fake OpenAI-compatible LLM for tests, benchmarks and the README demo (not a real LLM)."""
+"""Fake LLM server speaking OpenAI, Responses, Anthropic and Ollama APIs, for tests, benchmarks and the demo."""
 
 from fakellm.server import FakeLLM, serve
 
