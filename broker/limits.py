@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal, Protocol
 
+from broker.metrics import Metrics
+
 Clock = Callable[[], float]  # seconds since the epoch; the tests pass a frozen one
 LimitName = Literal["requests_per_minute", "tokens_per_minute", "max_parallel", "tokens_per_day"]
 
@@ -99,6 +101,11 @@ def rejection(limits: Limits, limit: LimitName, wait: float, remaining: tuple[in
 
 
 UNAVAILABLE = Rejection(503, "limits_unavailable", "the shared limits store is unreachable", None, None, [])
+
+
+def count_rejection(metrics: Metrics, user: str, refused: Rejection) -> None:
+    """Prometheus: one refusal of ``user`` by a limit (proposed; not wired yet)."""
+    metrics.limit_rejections.labels(user, refused.limit or "unavailable").inc()
 
 
 class Lease:

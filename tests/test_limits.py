@@ -14,14 +14,17 @@ import pytest
 
 from broker.limits import (
     DEFAULT_MAX_TOKENS,
+    UNAVAILABLE,
     Lease,
     Limiter,
     Limits,
     MemoryLimiter,
     Rejection,
+    count_rejection,
     reservation,
 )
 from broker.limits_redis import RedisLimiter, redis_client
+from broker.metrics import Metrics, Snapshot
 from tests.servers import RedisServer, start_redis
 from tests.support import Stack
 
@@ -362,3 +365,20 @@ def test_limits_must_be_positive_integers(bad: object) -> None:
         Limits(requests_per_minute=bad)  # type: ignore[arg-type]
     assert not Limits().any
     assert Limits(max_parallel=1).any
+
+
+def test_prometheus_counts_rejections_by_user_and_limit() -> None:
+    async def scenario() -> None:
+        metrics = Metrics(Snapshot)
+        limiter = MemoryLimiter(FakeClock())
+        limits = Limits(max_parallel=1)
+        for _ in range(3):
+            verdict = await limiter.admit("alice", limits, 1)
+            if isinstance(verdict, Rejection):
+                count_rejection(metrics, "alice", verdict)
+        count_rejection(metrics, "bob", UNAVAILABLE)
+        text = metrics.render().decode()
+        assert 'remotellm_limit_rejections_total{limit="max_parallel",user="alice"} 2.0' in text
+        assert 'remotellm_limit_rejections_total{limit="unavailable",user="bob"} 1.0' in text
+
+    run(scenario)
