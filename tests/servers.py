@@ -84,7 +84,9 @@ class PostgresServer:
 
 
 def _as_postgres_user(args: list[str]) -> list[str]:
-    return ["runuser", "-u", POSTGRES_USER, "--", *args] if os.geteuid() == 0 else args
+    if os.geteuid() != 0:
+        return args
+    return [require(find_binary("runuser"), "runuser", "util-linux"), "-u", POSTGRES_USER, "--", *args]
 
 
 @contextlib.contextmanager
