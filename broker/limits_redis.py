@@ -42,8 +42,9 @@ REDIS_RETRY_INTERVAL = 1.0
 REDIS_POOL_SIZE = 32
 # Under a burst, calls queue for a pooled connection: longer than one call's timeout.
 REDIS_QUEUE_TIMEOUT = 10.0
-# A slot held in Redis by a broker that died frees itself after this long.
-LEASE_TTL = 3600.0
+# A slot held in Redis by a broker that died frees itself after this long; a live broker
+# renews its leases three times per period, however long its requests last.
+LEASE_TTL = 60.0
 KEY_PREFIX = "remotellm:limits"
 
 # Both scripts: KEYS[1] the user's hash (request and token arrival times, the day and its
@@ -51,12 +52,16 @@ KEY_PREFIX = "remotellm:limits"
 # time in seconds, or "" for the Redis server's clock (one clock for every broker).
 # Python's constants replace the $NAMES. Numbers are stored with %.17g: Lua's tostring keeps
 # only 14 digits, too few for exactness.
-_LUA_COMMON = """
+_LUA_NOW = """
 local now = tonumber(ARGV[1])
 if not now then
     local t = redis.call('TIME')
     now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
+"""
+_LUA_COMMON = (
+    _LUA_NOW
+    + """
 local MINUTE, DAY, EPSILON = $MINUTE, $DAY, $EPSILON
 local function used(tat, limit) return math.max(0, tat - now) * limit / MINUTE end
 local function advance(tat, limit, units) return math.max(now, math.max(tat, now) + units * MINUTE / limit) end
@@ -64,6 +69,7 @@ local function exact(number) return string.format('%.17g', number) end
 local state = redis.call('HMGET', KEYS[1], 'request_tat', 'token_tat', 'day', 'day_tokens')
 local request_tat, token_tat = tonumber(state[1]) or 0, tonumber(state[2]) or 0
 """
+)
 
 # ARGV: now, requests_per_minute, tokens_per_minute, max_parallel, tokens_per_day (0: none),
 # reserve, lease id, lease ttl, parallel retry-after. Returns {refused limit or '',
@@ -137,6 +143,16 @@ def _lua(script: str) -> str:
     return string.Template(script).substitute(MINUTE=MINUTE, DAY=DAY, EPSILON=repr(EPSILON))
 
 
+# KEYS[1] the user's leases; ARGV: now, lease ttl, then the ids of the leases this broker
+# still holds. XX: a lease settled meanwhile is not brought back.
+_RENEW_LUA = (
+    _LUA_NOW
+    + """
+for i = 3, #ARGV do redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[i]) end
+return 0
+"""
+)
+
 # What "Redis is unreachable" looks like through redis-py: anything else is a bug, and raises.
 _UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
@@ -169,8 +185,11 @@ class RedisLimiter:
     ``on_unreachable``: what admission does while Redis cannot be reached —
     ``"local"``: each broker enforces the limits alone, from its memory (never unlimited; at
     worst the limits times the number of brokers), with one log line when Redis goes and one
-    when it is back; ``"refuse"``: 503 ``limits_unavailable``. A lease taken from Redis whose
-    release cannot reach it frees itself after ``lease_ttl``.
+    when it is back; ``"refuse"``: 503 ``limits_unavailable``.
+
+    Leases in Redis expire after ``lease_ttl`` unless renewed: this broker renews those it
+    holds (``renew``, every third of the period), so the slots of a broker that died, or
+    whose release could not reach Redis, come back within ``lease_ttl``.
     """
 
     def __init__(
@@ -192,8 +211,11 @@ class RedisLimiter:
         self._retry_interval = retry_interval
         self._unreachable_since: float | None = None  # monotonic time of an outage's first failure
         self._pending: set[asyncio.Task[Any]] = set()
+        self._held: dict[str, set[str]] = {}  # user -> ids of the leases this broker holds in Redis
+        self._renewer: asyncio.Task[None] | None = None
         self._admit = client.register_script(_lua(_ADMIT_LUA))
         self._settle = client.register_script(_lua(_SETTLE_LUA))
+        self._renew = client.register_script(_lua(_RENEW_LUA))
 
     def _keys(self, user: str) -> list[str]:
         # The user in braces: a Redis Cluster keeps both keys of one user in one slot.
@@ -238,8 +260,12 @@ class RedisLimiter:
             self._unreachable_since = None
         if refused:
             return rejection(limits, _LIMIT_NAMES[refused], float(wait), (requests, tokens))
+        self._held.setdefault(user, set()).add(lease_id)
+        if self._renewer is None:
+            self._renewer = asyncio.create_task(self._renew_forever())
 
         def finish(tokens_used: int) -> "asyncio.Future[None]":
+            self._held[user].discard(lease_id)
             return self._spawn(self._finish(user, limits, day, lease_id, tokens_used - reserve))
 
         return Lease(ratelimit_headers(limits, requests, tokens), finish)
@@ -256,6 +282,26 @@ class RedisLimiter:
             await self._settle(self._keys(user), args)
         except _UNREACHABLE as exc:
             self._lost(exc)  # the slot frees itself when its lease expires
+
+    async def renew(self) -> None:
+        """Extends the leases this broker holds: one pipelined round trip for all of them."""
+        for user in [user for user, ids in self._held.items() if not ids]:
+            del self._held[user]
+        held = [(self._keys(user)[1], list(ids)) for user, ids in self._held.items()]  # admissions go on meanwhile
+        if not held:
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for leases, ids in held:
+                await self._renew([leases], [self._now(), self._lease_ttl, *ids], client=pipe)
+            await pipe.execute()
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._lease_ttl / 3)
+            try:
+                await self.renew()
+            except _UNREACHABLE as exc:
+                self._lost(exc)
 
     def _lost(self, exc: Exception) -> None:
         """One log line per outage, not one per request."""
@@ -285,6 +331,8 @@ class RedisLimiter:
         return int(await self.client.zcount(self._keys(user)[1], f"({now!r}", "+inf"))
 
     async def aclose(self, timeout: float = 5.0) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
         if self._pending:
             await asyncio.wait(list(self._pending), timeout=timeout)
         with contextlib.suppress(*_UNREACHABLE):

@@ -281,7 +281,7 @@ def test_three_brokers_sharing_redis_admit_exactly_the_limits(redis: RedisServer
         assert len(leases(verdicts)) == 7
         await asyncio.gather(*(lease.release() for lease in leases(verdicts)))
         assert [await b.in_flight("carol") for b in brokers] == [0, 0, 0]
-        for broker in brokers:
+        for broker in set(brokers):
             await broker.aclose()
 
     run(scenario)
@@ -380,5 +380,53 @@ def test_prometheus_counts_rejections_by_user_and_limit() -> None:
         text = metrics.render().decode()
         assert 'remotellm_limit_rejections_total{limit="max_parallel",user="alice"} 2.0' in text
         assert 'remotellm_limit_rejections_total{limit="unavailable",user="bob"} 1.0' in text
+
+    run(scenario)
+
+
+def test_leases_of_a_live_broker_are_renewed_and_those_of_a_dead_one_expire(redis: RedisServer) -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        live = RedisLimiter(redis_client(redis.url), clock=clock, lease_ttl=60)
+        dead = RedisLimiter(redis_client(redis.url), clock=clock, lease_ttl=60)
+        limits = Limits(max_parallel=1)
+        long_stream = await live.admit("alice", limits, 1)
+        assert isinstance(long_stream, Lease)
+        assert isinstance(await dead.admit("bob", limits, 1), Lease)  # then its broker dies
+        for _ in range(10):  # ten minutes of streaming, renewed every 20 s
+            clock.advance(20)
+            await live.renew()
+        assert await live.in_flight("alice") == 1
+        assert isinstance(await live.admit("alice", limits, 1), Rejection)
+        assert await live.in_flight("bob") == 0  # the dead broker's slot came back
+        assert isinstance(await live.admit("bob", limits, 1), Lease)
+        await long_stream.release()
+        await live.renew()  # a lease released meanwhile is not brought back
+        assert await live.in_flight("alice") == 0
+        await live.aclose()
+        await dead.aclose()
+
+    run(scenario)
+
+
+def test_a_sustained_overload_gets_exactly_the_rate(make_limiter: MakeLimiter) -> None:
+    """Ten minutes at 18 attempts a second from three callers against 10 per minute: the
+    minute's burst, then exactly one request every 6 s (GCRA: any window of W seconds
+    admits at most limit * (1 + W/60))."""
+
+    async def scenario() -> None:
+        clock = FakeClock()
+        first = make_limiter(clock)
+        # Brokers share only Redis: in memory, the three callers share one broker.
+        brokers = [first] * 3 if isinstance(first, MemoryLimiter) else [first, make_limiter(clock), make_limiter(clock)]
+        limits = Limits(requests_per_minute=10)
+        admitted = 0
+        for _second in range(600):
+            verdicts = await asyncio.gather(*(b.admit("alice", limits, 1) for b in brokers for _ in range(6)))
+            admitted += len(leases(list(verdicts)))
+            clock.advance(1)
+        assert admitted == 10 + 599 // 6
+        for broker in set(brokers):
+            await broker.aclose()
 
     run(scenario)
