@@ -60,6 +60,7 @@ class Limits:
 
     @property
     def any(self) -> bool:
+        """Whether any limit is set: a user without one needs no admission at all."""
         return any(value is not None for value in vars(self).values())
 
 
@@ -139,6 +140,8 @@ class Lease:
 
 
 class Limiter(Protocol):
+    """What the request path calls, whichever the backend (MemoryLimiter, RedisLimiter)."""
+
     async def admit(self, user: str, limits: Limits, reserve: int) -> Lease | Rejection:
         """One request of ``user`` reserving ``reserve`` tokens: a lease, or why not."""
 
@@ -150,6 +153,7 @@ class Limiter(Protocol):
 
 
 def bounded(tokens: int) -> int:
+    """A token count as the counters take it: not negative, not absurd."""
     return max(0, min(tokens, MAX_RESERVATION))
 
 
@@ -192,7 +196,7 @@ def _used(tat: float, now: float, limit: int) -> float:
 
 
 def _wait(tat: float, now: float, limit: int) -> float:
-    """Seconds until one more unit fits; <= 0 when it fits now."""
+    """Seconds until one more unit fits; 0 when it fits now."""
     excess = _used(tat, now, limit) + 1 - limit
     return excess * MINUTE / limit if excess > EPSILON else 0.0
 

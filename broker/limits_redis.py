@@ -168,7 +168,7 @@ def redis_client(url: str) -> "aioredis.Redis":
         # One retry: a pooled connection broken by a Redis restart gets one fresh attempt.
         retry=Retry(NoBackoff(), 1),
     )
-    return aioredis.Redis(connection_pool=pool)
+    return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
 
 
 def _release_orphan(admission: "asyncio.Task[Lease | Rejection]") -> None:
@@ -302,6 +302,8 @@ class RedisLimiter:
                 await self.renew()
             except _UNREACHABLE as exc:
                 self._lost(exc)
+            except Exception:  # a renewer that died would let every lease expire: log, go on
+                log.exception("renewing the leases in redis failed")
 
     def _lost(self, exc: Exception) -> None:
         """One log line per outage, not one per request."""
