@@ -4,6 +4,7 @@ Time is a frozen clock the tests move: verdicts count events, never the machine'
 """
 
 import asyncio
+import itertools
 import logging
 import math
 import time
@@ -11,6 +12,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from broker.limits import (
     DEFAULT_MAX_TOKENS,
@@ -430,3 +433,103 @@ def test_a_sustained_overload_gets_exactly_the_rate(make_limiter: MakeLimiter) -
             await broker.aclose()
 
     run(scenario)
+
+
+TOLERANCE = 1e-6  # the oracle decays levels, the limiter moves arrival times: rounding differs
+
+limits_drawn = st.builds(
+    Limits,
+    requests_per_minute=st.none() | st.integers(1, 20),
+    tokens_per_minute=st.none() | st.integers(1, 2000),
+    max_parallel=st.none() | st.integers(1, 5),
+    tokens_per_day=st.none() | st.integers(1, 5000),
+)
+steps_drawn = st.lists(
+    st.tuples(st.sampled_from(["admit", "settle", "release", "wait"]), st.integers(0, 30_000)), max_size=60
+)
+
+
+class LeakyBuckets:
+    """The limits written the other way round: levels that drain continuously. An oracle
+    for which limits are reached, independent of the limiters' arrival-time arithmetic."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.requests = self.tokens = 0.0
+        self.day_tokens = self.open = 0
+
+    def wait(self, seconds: float) -> None:
+        if self.limits.requests_per_minute:
+            self.requests = max(0.0, self.requests - seconds * self.limits.requests_per_minute / 60)
+        if self.limits.tokens_per_minute:
+            self.tokens = max(0.0, self.tokens - seconds * self.limits.tokens_per_minute / 60)
+
+    def reached(self, margin: float) -> set[str]:
+        """The limits at their limit; ``margin`` > 0 also counts those within it."""
+        limits, reached = self.limits, set()
+        if limits.requests_per_minute and self.requests + 1 > limits.requests_per_minute - margin:
+            reached.add("requests_per_minute")
+        if limits.tokens_per_minute and self.tokens + 1 > limits.tokens_per_minute - margin:
+            reached.add("tokens_per_minute")
+        if limits.max_parallel and self.open >= limits.max_parallel:
+            reached.add("max_parallel")
+        if limits.tokens_per_day and self.day_tokens >= limits.tokens_per_day:
+            reached.add("tokens_per_day")
+        return reached
+
+    def admitted(self, reserve: int) -> None:
+        self.requests += 1
+        self.tokens += reserve
+        self.day_tokens += reserve
+        self.open += 1
+
+    def settled(self, correction: int) -> None:
+        self.tokens = max(0.0, self.tokens + correction)
+        self.day_tokens = max(0, self.day_tokens + correction)
+        self.open -= 1
+
+
+def verdict_seen(verdict: Lease | Rejection) -> tuple[object, ...]:
+    if isinstance(verdict, Lease):
+        return ("admitted", verdict.headers)
+    return (verdict.limit, verdict.retry_after, verdict.headers)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(limits=limits_drawn, steps=steps_drawn)
+def test_both_backends_agree_and_refuse_only_at_a_limit(redis: RedisServer, limits: Limits, steps: list) -> None:
+    """Random admissions, settlements and waits (within one UTC day): the Lua scripts give
+    the in-memory limiter's verdicts exactly, and a refusal always names a limit reached."""
+
+    async def scenario() -> None:
+        clock = FakeClock()
+        memory = MemoryLimiter(clock)
+        shared = RedisLimiter(redis_client(redis.url), clock=clock, prefix=f"prop{next(examples)}")
+        oracle = LeakyBuckets(limits)
+        open_leases: list[tuple[Lease, Lease, int]] = []
+        for action, amount in steps:
+            if action == "wait":
+                clock.advance(amount / 1000)
+                oracle.wait(amount / 1000)
+            elif action == "admit":
+                verdicts = await memory.admit("u", limits, amount // 50), await shared.admit("u", limits, amount // 50)
+                assert verdict_seen(verdicts[0]) == verdict_seen(verdicts[1])
+                if isinstance(verdicts[0], Lease):
+                    assert not oracle.reached(margin=-TOLERANCE)  # never a refusal below a limit
+                    oracle.admitted(amount // 50)
+                    open_leases.append((verdicts[0], verdicts[1], amount // 50))  # type: ignore[arg-type]
+                else:
+                    assert verdicts[0].limit in oracle.reached(margin=TOLERANCE)
+            elif open_leases:
+                in_memory, in_redis, reserve = open_leases.pop(0)
+                used = amount // 50 if action == "settle" else 0
+                await in_memory.settle(used)
+                await in_redis.settle(used)
+                oracle.settled(used - reserve)
+        assert await shared.in_flight("u") == await memory.in_flight("u") == len(open_leases)
+        await shared.aclose()
+
+    run(scenario)
+
+
+examples = itertools.count()
