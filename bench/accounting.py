@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from broker.database import async_url, engine_for, shown
+from broker.database import async_url, shown
 from broker.limits import Lease, Limiter, Limits, MemoryLimiter
 from broker.limits_redis import RedisLimiter, redis_client
 from broker.usage import UsageQuery, UsageRecord, UsageStore
@@ -49,8 +49,7 @@ async def admission(name: str, make: Callable[[], Limiter]) -> list[str]:
 
 
 async def usage(database: str) -> list[str]:
-    store = UsageStore(engine_for(async_url(database)), queue_limit=RECORDS)
-    store.start()
+    store = UsageStore.open(database, queue_limit=RECORDS)
     await store.flush(30)
     now = time.time()
     records = [

@@ -26,7 +26,15 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from broker.database import MODEL_LENGTH, NAME_LENGTH, create_tables, usage_hourly, usage_requests
+from broker.database import (
+    MODEL_LENGTH,
+    NAME_LENGTH,
+    async_url,
+    create_tables,
+    engine_for,
+    usage_hourly,
+    usage_requests,
+)
 from broker.metrics import UNNAMED, Metrics
 
 log = logging.getLogger("remotellm.usage")
@@ -144,6 +152,15 @@ class UsageStore:
         self._overflowing = False  # one log line per overflow, not one per record
         self._add_to_hourly = _add_to_hourly(engine)
         self._flusher: asyncio.Task[None] | None = None
+
+    @classmethod
+    def open(cls, database: str, **options: Any) -> "UsageStore":
+        """A started store on ``--database`` (a SQLite path or a postgresql:// URL); call it in
+        the running loop. It connects when it first writes: a database down at start-up is
+        retried like one that goes down later."""
+        store = cls(engine_for(async_url(database)), **options)
+        store.start()
+        return store
 
     def start(self) -> None:
         self._flusher = asyncio.create_task(self._flush_forever())

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 from sqlalchemy import func, select
 
-from broker.database import async_url, engine_for, shown, usage_requests
+from broker.database import async_url, shown, usage_requests
 from broker.metrics import Metrics, Snapshot
 from broker.usage import (
     EVERYONE,
@@ -84,12 +84,6 @@ def make_record(at: float, user: str | None = "alice", model: str = "llama3", **
     return UsageRecord(at=at, user=user, model=model, **values)  # type: ignore[arg-type]
 
 
-async def open_store(database: str, **options: object) -> UsageStore:
-    store = UsageStore(engine_for(async_url(database)), **options)  # type: ignore[arg-type]
-    store.start()
-    return store
-
-
 async def record_all(store: UsageStore, records: list[UsageRecord]) -> None:
     for record in records:
         store.record(record)
@@ -142,7 +136,7 @@ def test_every_group_by_combination_returns_the_contract_rows(database: str) -> 
     records = varied_records()
 
     async def scenario() -> None:
-        store = await open_store(database, batch_size=50)
+        store = UsageStore.open(database, batch_size=50)
         await record_all(store, records)
         assert (store.written, store.dropped) == (240, 0)
         for size in range(len(GROUPS) + 1):
@@ -158,7 +152,7 @@ def test_since_until_and_user_filters(database: str) -> None:
     records = varied_records()
 
     async def scenario() -> None:
-        store = await open_store(database)
+        store = UsageStore.open(database)
         await record_all(store, records)
         since = datetime.fromtimestamp(DAY0 + 86400 + 2 * HOUR + 30, UTC)  # inside an hour: that hour counts
         until = datetime.fromtimestamp(DAY0 + 2 * 86400 + HOUR, UTC)  # an hour's start: excluded
@@ -178,10 +172,10 @@ def test_a_new_store_on_the_same_database_keeps_and_adds_to_the_data(database: s
     first_half, second_half = varied_records()[:100], varied_records()[100:]
 
     async def scenario() -> None:
-        store = await open_store(database)
+        store = UsageStore.open(database)
         await record_all(store, first_half)
         await store.aclose()
-        restarted = await open_store(database)
+        restarted = UsageStore.open(database)
         assert await restarted.query(UsageQuery(group_by=("day",))) == expected_rows(first_half, ("day",))
         await record_all(restarted, second_half)
         everything = UsageQuery(group_by=("user", "connector", "hour"))
@@ -202,7 +196,7 @@ def test_retention_deletes_old_raw_rows_and_keeps_the_hourly_sums(database: str)
             return int((await connection.execute(select(func.count()).select_from(usage_requests))).scalar_one())
 
     async def scenario() -> None:
-        store = await open_store(database, clock=lambda: clock[0])
+        store = UsageStore.open(database, clock=lambda: clock[0])
         await record_all(store, recent)  # the first batch deletes what has expired: nothing yet
         await record_all(store, old)  # late records: the next expiry is an hour away
         assert await raw_rows(store) == 50
@@ -220,7 +214,7 @@ def test_two_brokers_writing_the_same_hours_at_once_sum_exactly(postgres: Postgr
     records = varied_records()
 
     async def scenario() -> None:
-        brokers = [await open_store(database, batch_size=7) for _ in range(2)]
+        brokers = [UsageStore.open(database, batch_size=7) for _ in range(2)]
         for i, record in enumerate(records * 4):
             brokers[i % 2].record(record)
         assert all(await asyncio.gather(*(broker.flush(FLUSH_TIMEOUT) for broker in brokers)))
@@ -244,7 +238,7 @@ def test_database_down_recording_never_waits_and_counts_what_it_drops(
         database = fresh_postgres_database(server)
 
         async def scenario() -> None:
-            store = await open_store(database, queue_limit=500, batch_size=100, retry_max=0.2)
+            store = UsageStore.open(database, queue_limit=500, batch_size=100, retry_max=0.2)
             await record_all(store, [make_record(DAY0)] * 50)
             server.stop()
             slowest = 0.0
@@ -272,7 +266,7 @@ def test_database_down_recording_never_waits_and_counts_what_it_drops(
 
 def test_hostile_values_are_cut_to_their_columns(database: str) -> None:
     async def scenario() -> None:
-        store = await open_store(database)
+        store = UsageStore.open(database)
         weird = make_record(
             DAY0,
             user="x'); DROP TABLE usage_requests; --",
@@ -331,7 +325,7 @@ def test_the_database_url_gets_its_async_driver_and_hides_its_password() -> None
 
 def test_the_cli_prints_the_rows_as_a_table(database: str, capsys: pytest.CaptureFixture[str]) -> None:
     async def fill() -> None:
-        store = await open_store(database)
+        store = UsageStore.open(database)
         await record_all(store, [make_record(DAY0), make_record(DAY0 + 60, None, prompt_tokens=1000)])
         await store.aclose()
 
