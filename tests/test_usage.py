@@ -366,3 +366,18 @@ def test_prometheus_counts_tokens_by_user_model_and_kind() -> None:
     text = metrics.render().decode()
     assert 'remotellm_tokens_total{kind="prompt",model="llama3",user="_unnamed"} 7.0' in text
     assert 'remotellm_tokens_total{kind="completion",model="llama3",user="alice"} 2.0' in text
+
+
+def test_a_database_missing_at_start_up_is_waited_for(tmp_path: Path) -> None:
+    later = tmp_path / "later"
+
+    async def scenario() -> None:
+        store = UsageStore.open(str(later / "remotellm.db"), retry_max=0.05)
+        store.record(make_record(DAY0))  # accepted at once, whatever the database does
+        assert not await store.flush(0.3)  # SQLite cannot open a file in a missing directory
+        later.mkdir()
+        assert await store.flush(FLUSH_TIMEOUT)
+        assert (store.written, store.dropped) == (1, 0)
+        await store.aclose()
+
+    run(scenario)
