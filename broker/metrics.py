@@ -1,7 +1,7 @@
 """Prometheus metrics, in a registry of the app's own (several apps may share a process).
 
-Label values come only from configuration (connector names) or from models a connector
-serves, never from what an unauthenticated client sent: the series count stays bounded.
+Label values come only from configuration (connector and user names) or from models a
+connector serves, never from what a client sent: the series count stays bounded.
 """
 
 from collections.abc import Callable, Iterator
@@ -16,6 +16,8 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 # The model label of a request refused before it was routed.
 UNROUTED = "_unrouted"
+# The user label of the unnamed users (user_api_keys).
+UNNAMED = "_unnamed"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -84,6 +86,18 @@ class Metrics:
         )
         self.auth_failures = Counter(
             "remotellm_auth_failures", "Refused keys and tokens, by kind", ["kind"], registry=registry
+        )
+        self.tokens = Counter(
+            "remotellm_tokens",
+            "Tokens used, by user, model and kind (prompt, completion)",
+            ["user", "model", "kind"],
+            registry=registry,
+        )
+        self.limit_rejections = Counter(
+            "remotellm_limit_rejections",
+            "Requests refused by a user's limit, by user and limit (unavailable: the limits store was down)",
+            ["user", "limit"],
+            registry=registry,
         )
 
     def render(self) -> bytes:
