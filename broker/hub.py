@@ -23,8 +23,10 @@ from broker.settings import Settings
 from broker.throttle import AuthThrottle
 from broker.tunnel import Exchange, Interrupt, Session
 from wire import DEAD_AFTER_PINGS, PROTOCOL_VERSION, Chunk, Credit, Drain, End, Head, Hello, Models, Pong
+from wire.endpoints import MAX_MODEL_NAME, MAX_MODELS, valid_model_name
 
 DISCOVERY_TIMEOUT = 30.0
+MAX_MODEL_LISTING = 4 * 1024 * 1024  # bytes: a listing of MAX_MODELS long names fits many times
 DISCOVERY_RETRY_MAX = 60.0
 CONFIG_WATCH_INTERVAL = 2.0
 CONFIG_SETTLE = 0.5  # a changed file is applied once it stayed the same this long (not half-written)
@@ -111,9 +113,13 @@ class Hub:
                     "model_not_allowed",
                     f"this connector's token may not serve: {', '.join(refused)}",
                 )
+        _check_models(hello.models)
         for old in list(self.sessions.values()):
             if old.spec is spec and old.hello.connector_id == hello.connector_id:
                 self.drop(old, "replaced by a new registration")
+        if sum(s.spec is spec for s in self.sessions.values()) >= self.settings.max_sessions_per_token:
+            limit = self.settings.max_sessions_per_token
+            raise Refused(429, "too_many_sessions", f"this token already holds {limit} sessions")
         session = Session(spec, hello)
         self.sessions[session.id] = session
         self.metrics.registrations.labels(spec.name).inc()
@@ -213,9 +219,7 @@ class Hub:
 
     def heartbeat(self, session: Session, pong: Pong) -> None:
         """A connector's sign of life, acknowledged at once: it proves its uploads arrive."""
-        session.touch()
-        session.last_pong = pong.ping_sent
-        session.send(session.ping())
+        session.echo(pong.ping_sent)
 
     def retire(self, session: Session, reason: str) -> None:
         """The connector is leaving: route nothing new to it; drop it once its replies end."""
@@ -288,7 +292,8 @@ class Hub:
             self.finish(exchange, cancel=not ended)
         try:
             if status == 200:
-                return frozenset(m.id for m in msgspec.json.decode(body, type=_ModelList).data)
+                listed = [m.id for m in msgspec.json.decode(body, type=_ModelList).data]
+                return _servable(session.name, listed)
         except msgspec.MsgspecError:
             pass
         log.warning("connector %s: listing the LLM's models failed (status %s)", session.name, status)
@@ -333,12 +338,18 @@ class Hub:
 
 
 async def _collect(exchange: Exchange) -> tuple[int, bytes, bool]:
-    status, parts = 0, []
+    """A whole (small) reply: status, body, and whether it ended; a body over
+    MAX_MODEL_LISTING ends the collection as a failure (and the request is cancelled)."""
+    status, parts, size = 0, [], 0
     while True:
         event = await exchange.events.get()
         if isinstance(event, Head):
             status = event.status
         elif isinstance(event, Chunk):
+            size += len(event.data)
+            if size > MAX_MODEL_LISTING:
+                log.warning("connector %s: its model listing is over %d bytes", exchange.session.name, size)
+                return 0, b"", False
             parts.append(event.data)
             exchange.buffered -= len(event.data)
             exchange.session.send(Credit(exchange.id, len(event.data)))
@@ -346,6 +357,24 @@ async def _collect(exchange: Exchange) -> tuple[int, bytes, bool]:
             return (status if event.error is None else 0), b"".join(parts), True
         elif isinstance(event, Interrupt):
             return 0, b"", False
+
+
+def _check_models(models: list[str]) -> None:
+    """A Hello's models, bounded in count, length and characters (they become labels and log text)."""
+    if len(models) > MAX_MODELS:
+        raise Refused(400, "invalid_models", f"at most {MAX_MODELS} models per connector")
+    if not all(valid_model_name(model) for model in models):
+        message = f"model names must be visible ASCII without spaces, at most {MAX_MODEL_NAME} characters"
+        raise Refused(400, "invalid_models", message)
+
+
+def _servable(connector: str, listed: list[str]) -> frozenset[str]:
+    """Of a discovered listing, the names that may be routed (the rest logged, not served)."""
+    valid = [name for name in listed if valid_model_name(name)][:MAX_MODELS]
+    if len(valid) < len(listed):
+        log.warning("connector %s: %d listed model(s) not served (invalid names or over %d)",
+                    connector, len(listed) - len(valid), MAX_MODELS)  # fmt: skip
+    return frozenset(valid)
 
 
 def _allowlisted(settings: Settings) -> frozenset[str]:

@@ -61,6 +61,12 @@ class BrokerArgs:
     body_memory_limit: int | None = field(
         default=None, metadata={"type": int, "help": "request-body bytes held at once, all users together"}
     )
+    max_sessions_per_token: int | None = field(
+        default=None, metadata={"type": int, "help": "tunnel sessions one connector token may hold (16)"}
+    )
+    max_replies_per_session: int | None = field(
+        default=None, metadata={"type": int, "help": "reply streams one tunnel session may have open (8)"}
+    )
     log_format: str | None = field(
         default=None, metadata={"type": str, "choices": ["plain", "json"], "help": "request log format"}
     )
@@ -95,6 +101,8 @@ class Settings:
     max_body_size: int = 16 * 1024 * 1024
     body_timeout: float = 60.0  # a request body must arrive within this, else 408
     body_memory_limit: int = 256 * 1024 * 1024  # past it, new requests get 503 (never an OOM)
+    max_sessions_per_token: int = 16  # replicas of one connector each hold a session
+    max_replies_per_session: int = 8  # the connector uses one (a few while a proxy batches)
     allowed_paths: frozenset[str] = frozenset()  # extra POST paths any connector may be sent
     warnings: tuple[str, ...] = ()
     queue_timeout: float = 2.0  # how long a request may wait for a free slot before 429

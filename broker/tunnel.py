@@ -23,6 +23,10 @@ Interruption = Literal["connector_lost", "user_gone", "credit_overrun"]
 MAX_AHEAD = 2 * INITIAL_CREDIT
 
 
+# Stands in the outbox for the one pending echo until the poll takes it.
+_EchoPing = Ping(0.0)
+
+
 class Interrupt:
     """Queued into an exchange when something outside its reply ends it."""
 
@@ -69,6 +73,8 @@ class Session:
         self.last_pong = 0.0
         self.closed = False
         self._outbox: list[Frame] = []
+        self._echo_queued = False  # at most one Ping echo waits in the outbox: a Pong flood queues nothing
+        self.replies_open = 0  # reply streams open at once (bounded by the endpoint)
         self._wake = asyncio.Event()
 
     # Endpoint protocol of the router
@@ -86,6 +92,15 @@ class Session:
 
     def ping(self) -> Ping:
         return Ping(time.time(), self.last_pong)
+
+    def echo(self, ping_sent: float) -> None:
+        """Answer a heartbeat with a Ping, unless one is already waiting to leave (it will
+        carry the newest echo: its ``pong`` is read when the poll takes it)."""
+        self.touch()
+        self.last_pong = ping_sent
+        if not self._echo_queued:
+            self._echo_queued = True
+            self.send(_EchoPing)
 
     def touch(self) -> None:
         self.last_seen = time.monotonic()
@@ -120,6 +135,9 @@ class Session:
             return None
         frames, self._outbox = self._outbox, []
         if frames:
+            if self._echo_queued:  # the echo leaves now, carrying the newest heartbeat
+                self._echo_queued = False
+                frames = [self.ping() if frame is _EchoPing else frame for frame in frames]
             return frames
         return None if time.monotonic() >= until else [self.ping()]
 

@@ -10,7 +10,6 @@ from broker.hub import Hub, Refused
 from broker.tunnel import Session
 from wire import (
     FRAMES_CONTENT_TYPE,
-    MAX_FRAME_SIZE,
     PARTIAL_HEADER,
     SESSION_HEADER,
     SHORT_POLL_QUERY,
@@ -36,6 +35,8 @@ _FRAMES_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 _HELLO_LIMIT = 1024 * 1024
+# A reply frame holds at most a credit's worth of body, or a head: far below this.
+MAX_REPLY_FRAME = 1024 * 1024
 SHORT_POLL_WAIT = 5.0  # an idle short poll returns after this long (or the ping interval)
 
 
@@ -145,7 +146,18 @@ async def reply(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
     session = await _session(hub, scope, send)
     if session is None:
         return
-    decoder = FrameDecoder(MAX_FRAME_SIZE)
+    if session.replies_open >= hub.settings.max_replies_per_session:
+        await send_error(send, 429, "too_many_replies", "Too many reply streams open for this session.")
+        return
+    session.replies_open += 1
+    try:
+        await _read_reply(hub, session, scope, receive, send)
+    finally:
+        session.replies_open -= 1
+
+
+async def _read_reply(hub: Hub, session: Session, scope: Scope, receive: Receive, send: Send) -> None:
+    decoder = FrameDecoder(MAX_REPLY_FRAME)
     unfinished: set[int] = set()
     status = 204
     try:
@@ -153,6 +165,9 @@ async def reply(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
             message = await receive()
             if message["type"] == "http.disconnect":
                 status = 0
+                break
+            if session.closed:  # revoked, replaced or reaped: nothing it sends counts any more
+                status = 401
                 break
             session.touch()
             for frame in decoder.feed(message.get("body", b"")):
@@ -179,6 +194,8 @@ async def reply(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
             session.interrupt(request_id, "connector_lost")
     if status == 400:
         await send_error(send, 400, "invalid_frames", "The reply body is not a valid frame stream.")
+    elif status == 401:
+        await send_error(send, 401, "unknown_session", "This session is over; register again.")
     elif status:
         await send({"type": "http.response.start", "status": 204, "headers": []})
         await send({"type": "http.response.body", "body": b"", "more_body": False})

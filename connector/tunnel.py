@@ -58,6 +58,8 @@ DRAIN_TIMEOUT = 30.0  # how long replies in flight may run on when a session end
 POLLS_PER_LINK = 50  # a poll connection is replaced long before any server's request limit
 FIRST_FRAME_TIMEOUT = 5.0  # the broker writes a poll's first frame at once
 REGISTER_TIMEOUT = 10.0  # a path that accepts connections but never answers is retried soon
+# Requests in flight at once: a broker asking for more is refused (its LLM queues anyway).
+MAX_REQUESTS_IN_FLIGHT = 1024
 # Heartbeats unechoed this many ping intervals: uploads are held (the broker itself gives
 # up on a silent connector after 3).
 UNECHOED_PINGS = 1.5
@@ -349,6 +351,13 @@ class _Session:
 
     def _dispatch(self, frame: Frame) -> None:
         if isinstance(frame, Request):
+            if frame.id in self.tasks:  # only a broker that is not what it should be repeats an id
+                log.warning("request %d refused: its id is already in flight", frame.id)
+                return
+            if len(self.tasks) >= MAX_REQUESTS_IN_FLIGHT:
+                log.warning("request %d refused: %d requests already in flight", frame.id, len(self.tasks))
+                self.uplink.send(encode(End(frame.id, "forbidden", "too many requests in flight")))
+                return
             task = asyncio.create_task(self._serve(frame))
             self.tasks[frame.id] = task
             task.add_done_callback(lambda _: self.tasks.pop(frame.id, None))
