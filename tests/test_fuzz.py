@@ -315,7 +315,9 @@ def test_reply_answers_cleanly(
     expected = 400 if faulty or wrong_kind else 204  # a truncated body is faulty too
     content = split.draw(pieces(body)) if split is not None else body
     resp = reply_session.post(content, h2)
-    assert_clean(resp, {expected})
+    # A Drain ends the session once it has nothing in flight: what follows it counts for nothing.
+    drained = expected == 204 and any(isinstance(f, Drain) for f in frames_in)
+    assert_clean(resp, {204, 401} if drained else {expected})
     if expected == 204:
         assert resp.content == b""
     fuzzed.after_example()
