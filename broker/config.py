@@ -75,6 +75,7 @@ SETTINGS: dict[str, Any] = {
     "body_memory_limit": _positive(int),
     "max_sessions_per_token": _positive(int),
     "max_replies_per_session": _positive(int),
+    "response_ttl": _positive(float),
 }
 _CONNECTOR_KEYS = frozenset({"name", "token", "llm_api_key", "models", "max_concurrent", "allowed_paths"})
 _TOP_LEVEL_KEYS = frozenset({"user_api_keys", "connectors", "allowed_paths"})

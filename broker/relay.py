@@ -14,14 +14,15 @@ from typing import NamedTuple
 
 import msgspec
 
+from broker.affinity import Affinity, IdSniffer
 from broker.asgi import ClientGone, Receive, Scope, Send, header
 from broker.body import BodyRefused, HeldBody, read_held
 from broker.errors import send_error
 from broker.hub import Hub
 from broker.logs import log
 from broker.metrics import UNROUTED
-from broker.router import AtCapacity, RouteError
-from broker.routes import JSON_MODEL_ROUTES, Family, family, management
+from broker.router import AtCapacity, ModelUnavailable, RouteError
+from broker.routes import JSON_MODEL_ROUTES, RESPONSES_PATH, Family, family, management, responses_object_id
 from broker.settings import Settings
 from broker.tunnel import Exchange, Interrupt, ReplyEvent, Session
 from wire import INITIAL_CREDIT, Chunk, Credit, End, Head
@@ -46,14 +47,24 @@ class _Body(msgspec.Struct):
     """All of the request body the broker reads: routing needs nothing else."""
 
     model: str
+    previous_response_id: str | None = None  # Responses: chained to the connector that made it
+
+
+class _Target(NamedTuple):
+    """Where a forwarded request may go: connectors that ``accepts`` it, or, for the by-id
+    routes of the Responses API, the connector that created ``object_id``."""
+
+    accepts: "Accepts"
+    object_id: str | None = None
 
 
 _decode_body = msgspec.json.Decoder(_Body).decode
 
 
 class Relay:
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: Hub, affinity: Affinity) -> None:
         self.hub = hub
+        self.affinity = affinity
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = _raw_path(scope)
@@ -61,10 +72,10 @@ class Relay:
         held = HeldBody(self.hub.body_budget)
         watcher: asyncio.Future[None] | None = None
         try:
-            accepts = await self._admit(scope, receive, send, path, held, out)
-            if accepts is not None:
+            target = await self._admit(scope, receive, send, path, held, out)
+            if target is not None:
                 watcher = asyncio.ensure_future(_watch_disconnect(receive, out))
-                await self._forward(scope, send, path, held.data, accepts, out)
+                await self._forward(scope, send, path, held.data, target, out)
         finally:
             held.release()
             if watcher is not None:
@@ -73,15 +84,15 @@ class Relay:
 
     async def _admit(
         self, scope: Scope, receive: Receive, send: Send, path: str, held: HeldBody, out: "_Outcome"
-    ) -> "Accepts | None":
-        """Which connectors may take the request, once its route, key, body and model check
-        out (the body is then in ``held``); None once the user was answered or left."""
+    ) -> _Target | None:
+        """Where the request may go, once its route, key, body and model check out (the
+        body is then in ``held``); None once the user was answered or left."""
         hub = self.hub
         if not hub.user_allowed(header(scope, b"authorization"), header(scope, b"x-api-key")):
             await out.fail(send, 401, "invalid_api_key", "Incorrect or missing API key.")
             return None
-        accepts = self._route_of(scope["method"], path)
-        if accepts is None:
+        target = self._route_of(scope["method"], path)
+        if target is None:
             if management(path):
                 await out.fail(send, 403, "forbidden", f"{path} manages the LLM's models: not available here.")
             else:
@@ -104,29 +115,51 @@ class Relay:
             out.result = "user_gone"
             return None
         out.request_bytes = held.size
+        if target.object_id is not None:
+            return await self._creator(target, send, out)
+        body = None
         with contextlib.suppress(msgspec.MsgspecError):
-            out.model = _decode_body(held.data).model
-        if not out.model:
+            body = _decode_body(held.data)
+        if body is None or not body.model:
             await out.fail(send, 400, "invalid_request", "The body must be a JSON object with a 'model' string.")
             return None
-        return accepts
+        out.model = body.model
+        if path == RESPONSES_PATH:
+            out.sniffer = IdSniffer()  # its id will lead the by-id routes back here
+            creator = self.affinity.connector_of(body.previous_response_id) if body.previous_response_id else None
+            if creator is not None:
+                return _Target(lambda session: session.name == creator)
+        return target
 
-    def _route_of(self, method: str, path: str) -> "Accepts | None":
-        """The connectors a forwarded route may go to (None: not forwarded at all)."""
+    def _route_of(self, method: str, path: str) -> _Target | None:
+        """Where a forwarded route may go (None: not forwarded at all)."""
+        object_id = responses_object_id(method, path)
+        if object_id is not None:
+            return _Target(_anyone, object_id)
         if method != "POST":
             return None
         if path in JSON_MODEL_ROUTES or path in self.hub.settings.allowed_paths:
-            return _anyone
+            return _Target(_anyone)
         if any(path in spec.allowed_paths for spec in self.hub.settings.connectors):
-            return lambda session: path in session.spec.allowed_paths
+            return _Target(lambda session: path in session.spec.allowed_paths)
         return None
 
+    async def _creator(self, target: _Target, send: Send, out: "_Outcome") -> _Target | None:
+        """A by-id route goes to the connector that created the object: 404 if none did here."""
+        assert target.object_id is not None
+        creator = self.affinity.connector_of(target.object_id)
+        if creator is None:
+            await out.fail(send, 404, "not_found", f"No response with id {target.object_id!r} is known here.")
+            return None
+        return _Target(lambda session: session.name == creator, target.object_id)
+
     async def _forward(
-        self, scope: Scope, send: Send, path: str, body: bytes, accepts: "Accepts", out: "_Outcome"
+        self, scope: Scope, send: Send, path: str, body: bytes, target: _Target, out: "_Outcome"
     ) -> None:
         hub, settings = self.hub, self.hub.settings
+        accepts = target.accepts
         try:
-            session = await hub.route(out.model, accepts)
+            session = await self._pick(target, out)
         except RouteError as exc:
             await _send_route_error(send, exc, out)
             return
@@ -147,9 +180,10 @@ class Relay:
                     finally:
                         hub.finish(exchange, cancel=not out.ended)
                     if failure is None:
+                        self._learn(out, session.name)
                         return
                     # Lost before the head: nothing reached the user, so one retry elsewhere is safe.
-                    retry = attempt == 1 and _retryable(failure.event)
+                    retry = attempt == 1 and _retryable(failure.event) and target.object_id is None
                     alternate = hub.alternate(out.model, session, accepts) if retry else None
                     if alternate is None:
                         await _fail_before_head(send, failure.event, out)
@@ -162,6 +196,21 @@ class Relay:
             out.result = "total_timeout"
             if not out.head_sent:
                 await out.fail(send, 504, "timeout", "The request took longer than the total time allowed.")
+
+    async def _pick(self, target: _Target, out: "_Outcome") -> Session:
+        if target.object_id is None:
+            return await self.hub.route(out.model, target.accepts)
+        # By id: no model to route by; the creator's live sessions, least busy first.
+        live = sorted((s for s in self.hub.router.connectors() if target.accepts(s)), key=lambda s: s.in_flight)
+        if not live:
+            raise ModelUnavailable(target.object_id)
+        return live[0]
+
+    def _learn(self, out: "_Outcome", connector: str) -> None:
+        """A response created here: its id now routes to the connector that made it."""
+        sniffer = out.sniffer
+        if sniffer is not None and sniffer.found is not None and 200 <= out.status < 300:
+            self.affinity.remember(sniffer.found, connector)
 
     def _account(self, out: "_Outcome") -> None:
         hub = self.hub
@@ -191,7 +240,7 @@ class _Outcome:
 
     __slots__ = (
         "bytes", "connector", "ended", "exchange", "family", "gone", "head_sent", "model", "request_bytes",
-        "request_id", "result", "routed", "started", "status", "ttfb",
+        "request_id", "result", "routed", "sniffer", "started", "status", "ttfb",
     )  # fmt: skip
 
     def __init__(self, request_id: str, family: Family) -> None:
@@ -210,6 +259,7 @@ class _Outcome:
         self.ended = False  # the connector sent End: nothing to cancel
         self.gone = False
         self.result = "ok"
+        self.sniffer: IdSniffer | None = None  # set for a Responses create: finds the new id
 
     async def fail(self, send: Send, status: int, code: str, message: str, headers: Headers = ()) -> None:
         self.status = status
@@ -259,6 +309,8 @@ async def _respond(exchange: Exchange, send: Send, settings: Settings, out: _Out
                 parts.append(ready.data)
             data = parts[0] if len(parts) == 1 else b"".join(parts)
             out.bytes += len(data)
+            if out.sniffer is not None:
+                out.sniffer.feed(data)
             # A user who stops reading for the idle timeout loses the stream (and its slot).
             try:
                 async with asyncio.timeout(settings.idle_timeout):

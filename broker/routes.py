@@ -37,6 +37,9 @@ JSON_MODEL_ROUTES = frozenset(
         "/api/show",
     }
 )
+RESPONSES_PATH = "/v1/responses"
+# The Responses API's routes by id: (method, suffix after the id).
+_BY_ID = frozenset({("GET", ""), ("DELETE", ""), ("POST", "/cancel"), ("GET", "/input_items")})
 # Ollama's model management: it would change what every user of the LLM gets.
 MANAGEMENT_ROUTES = frozenset({"/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete"})
 _MANAGEMENT_PREFIX = "/api/blobs/"
@@ -48,6 +51,15 @@ def family(path: str) -> Family:
     if path == "/v1/messages" or path.startswith("/v1/messages/"):
         return Family.ANTHROPIC
     return Family.OPENAI
+
+
+def responses_object_id(method: str, path: str) -> str | None:
+    """The id in a by-id route of the Responses API (``GET /v1/responses/{id}``...), else None."""
+    if not path.startswith(RESPONSES_PATH + "/"):
+        return None
+    object_id, slash, rest = path[len(RESPONSES_PATH) + 1 :].partition("/")
+    suffix = slash + rest
+    return object_id if object_id and (method, suffix) in _BY_ID else None
 
 
 def management(path: str) -> bool:

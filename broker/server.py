@@ -19,12 +19,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from broker import h2_patches, logs, tunnel_api
+from broker.affinity import MemoryAffinity
 from broker.asgi import DrainBody, Receive, Scope, Send
 from broker.edge import CanonicalTarget
 from broker.errors import error_body
 from broker.hub import Hub
 from broker.metrics import CONTENT_TYPE
 from broker.relay import Relay
+from broker.routes import Family
 from broker.settings import Settings
 from wire import POLL_PATH, REGISTER_PATH, REPLY_PATH
 
@@ -93,6 +95,43 @@ async def get_model(request: Request) -> Response:
     return JSONResponse(_model_object(model))
 
 
+# What /api/version reports: the Ollama API release whose routes the broker serves.
+OLLAMA_API_VERSION = "0.12.0"
+
+
+def _ollama_error(status: int, message: str) -> Response:
+    return Response(error_body(status, "", message, Family.OLLAMA), status, media_type="application/json")
+
+
+def _ollama_model(model: str) -> dict[str, object]:
+    return {"name": model, "model": model, "modified_at": "1970-01-01T00:00:00Z", "size": 0, "digest": "",
+            "details": {"format": "", "family": "", "parameter_size": "", "quantization_level": ""}}  # fmt: skip
+
+
+async def ollama_tags(request: Request) -> Response:
+    """Ollama's model list: every model with a live connector (the broker answers it)."""
+    if not _user(request):
+        return _ollama_error(401, "Incorrect or missing API key.")
+    return JSONResponse({"models": [_ollama_model(m) for m in _hub(request).router.models()]})
+
+
+async def ollama_ps(request: Request) -> Response:
+    """Ollama's running models: here, the models being served right now."""
+    if not _user(request):
+        return _ollama_error(401, "Incorrect or missing API key.")
+    models = [
+        {**_ollama_model(m), "expires_at": "9999-12-31T00:00:00Z", "size_vram": 0}
+        for m in _hub(request).router.models()
+    ]
+    return JSONResponse({"models": models})
+
+
+async def ollama_version(request: Request) -> Response:
+    if not _user(request):
+        return _ollama_error(401, "Incorrect or missing API key.")
+    return JSONResponse({"version": OLLAMA_API_VERSION})
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     status = exc.status_code if isinstance(exc, HTTPException) else 500
     code = {404: "not_found", 405: "method_not_allowed"}.get(status, "internal_error")
@@ -117,12 +156,15 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
             loop.remove_signal_handler(signal.SIGHUP)
         hub.close()
 
-    relay = Relay(hub)
+    relay = Relay(hub, MemoryAffinity(settings.response_ttl))
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        Route("/api/tags", ollama_tags, methods=["GET"]),
+        Route("/api/ps", ollama_ps, methods=["GET"]),
+        Route("/api/version", ollama_version, methods=["GET"]),
         # Every other method and path is the relay's to accept (the forwarded API) or refuse.
         Route("/v1/{path:path}", relay, methods=None),
         Route("/api/{path:path}", relay, methods=None),

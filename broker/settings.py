@@ -67,6 +67,10 @@ class BrokerArgs:
     max_replies_per_session: int | None = field(
         default=None, metadata={"type": int, "help": "reply streams one tunnel session may have open (8)"}
     )
+    response_ttl: float | None = field(
+        default=None,
+        metadata={"type": float, "help": "seconds a Responses id routes to its connector (30 d)"},
+    )
     log_format: str | None = field(
         default=None, metadata={"type": str, "choices": ["plain", "json"], "help": "request log format"}
     )
@@ -103,6 +107,7 @@ class Settings:
     body_memory_limit: int = 256 * 1024 * 1024  # past it, new requests get 503 (never an OOM)
     max_sessions_per_token: int = 16  # replicas of one connector each hold a session
     max_replies_per_session: int = 8  # the connector uses one (a few while a proxy batches)
+    response_ttl: float = 30 * 24 * 3600.0  # as long as OpenAI keeps a stored response
     allowed_paths: frozenset[str] = frozenset()  # extra POST paths any connector may be sent
     warnings: tuple[str, ...] = ()
     queue_timeout: float = 2.0  # how long a request may wait for a free slot before 429
