@@ -9,7 +9,8 @@ DEMO_PORT="${DEMO_PORT:-11500}"
 USER_KEY="${USER_KEY:-sk-demo-user}"
 
 python3 -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check .
+# The demo's own clients come too, so every command printed below works as printed.
+.venv/bin/python -m pip install -q --disable-pip-version-check . openai
 
 RUN_DIR="$(mktemp -d)"
 TOKEN="$(.venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(24))')"
@@ -41,11 +42,24 @@ done
 cat <<TEXT
 
 remotellm is up: broker on http://127.0.0.1:$PORT, serving the DEMO model "demo" (a fake LLM).
-Try:
+Try (each works as printed):
+
+  # OpenAI chat, streamed
   curl -N http://127.0.0.1:$PORT/v1/chat/completions -H "Authorization: Bearer $USER_KEY" \\
        -d '{"model": "demo", "stream": true, "messages": [{"role": "user", "content": "hi"}]}'
-  python3 -c 'import openai; c = openai.OpenAI(base_url="http://127.0.0.1:$PORT/v1", api_key="$USER_KEY")
-for e in c.chat.completions.create(model="demo", messages=[], stream=True): print(e.choices[0].delta.content or "", end="", flush=True)'
+  # OpenAI Responses
+  curl http://127.0.0.1:$PORT/v1/responses -H "Authorization: Bearer $USER_KEY" \\
+       -d '{"model": "demo", "input": "hi"}'
+  # Anthropic Messages (the key as x-api-key, as Anthropic clients send it)
+  curl http://127.0.0.1:$PORT/v1/messages -H "x-api-key: $USER_KEY" -H "anthropic-version: 2023-06-01" \\
+       -d '{"model": "demo", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}'
+  # Ollama's native API (NDJSON, line by line)
+  curl -N http://127.0.0.1:$PORT/api/chat -H "Authorization: Bearer $USER_KEY" \\
+       -d '{"model": "demo", "messages": [{"role": "user", "content": "hi"}]}'
+  # the openai SDK, installed in .venv
+  .venv/bin/python -c 'import openai; c = openai.OpenAI(base_url="http://127.0.0.1:$PORT/v1", api_key="$USER_KEY")
+for e in c.chat.completions.create(model="demo", messages=[], stream=True): print(e.choices[0].delta.content or "", end="", flush=True)
+print()'
 Ctrl-C stops everything.
 TEXT
 wait
