@@ -18,6 +18,7 @@ from broker.keys import hash_form
 from broker.logs import log
 from broker.server import create_app
 from broker.settings import Settings, parse_cli, resolve
+from broker.usage_cli import usage_main
 from wire.endpoints import loopback
 
 # hypercorn closes a connection after 1000 requests by default (GOAWAY): fatal for a tunnel.
@@ -80,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         return _hash_key(argv[1:])
     if argv[:1] == ["check-config"]:
         return _check_config(argv[1:])
+    if argv[:1] == ["usage"]:
+        return usage_main(argv[1:])
     args = parse_cli(argv)
     try:
         settings = resolve(args, os.environ)

@@ -4,6 +4,7 @@ Besides ``user_api_keys`` and ``connectors``, the file may set any broker settin
 its long name (``port``, ``idle_timeout``...); the CLI and the environment override it.
 """
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,9 @@ from typing import Any
 import yaml
 
 from broker.keys import check_visible, parse_secret
+from broker.limits import Limits
 from broker.routes import validate_allowed_path
-
-DEFAULT_MAX_CONCURRENT = 8
+from broker.users import User
 
 
 def _text(value: object) -> str:
@@ -76,9 +77,16 @@ SETTINGS: dict[str, Any] = {
     "max_sessions_per_token": _positive(int),
     "max_replies_per_session": _positive(int),
     "response_ttl": _positive(float),
+    "database": _text,
+    "redis_url": _text,
+    "usage_retention_days": _positive(int),
 }
 _CONNECTOR_KEYS = frozenset({"name", "token", "llm_api_key", "models", "max_concurrent", "allowed_paths"})
-_TOP_LEVEL_KEYS = frozenset({"user_api_keys", "connectors", "allowed_paths"})
+_TOP_LEVEL_KEYS = frozenset({"user_api_keys", "connectors", "allowed_paths", "users", "admin_api_keys"})
+_USER_KEYS = frozenset({"name", "key", "models", "limits"})
+_LIMIT_KEYS = frozenset({"requests_per_minute", "tokens_per_minute", "max_parallel", "tokens_per_day"})
+# A user's name becomes a metrics label and a log field: plain text, short.
+_USER_NAME = re.compile(r"[A-Za-z0-9._@+-]{1,64}")
 
 
 class ConfigError(ValueError):
@@ -93,7 +101,7 @@ class ConnectorSpec:
     token_digest: bytes
     llm_api_key: str | None = field(repr=False)
     models: frozenset[str] | None  # None: any model not reserved to another token
-    max_concurrent: int
+    max_concurrent: int | None  # None: no cap (the LLM server queues by itself)
     allowed_paths: frozenset[str] = frozenset()  # extra POST paths this connector's LLM may be sent
 
 
@@ -104,6 +112,8 @@ class FileConfig:
     settings: dict[str, Any]
     allowed_paths: frozenset[str] = frozenset()  # extra POST paths any connector may be sent
     warnings: tuple[str, ...] = ()  # valid, but worth an operator's attention
+    users: tuple[User, ...] = ()  # named users
+    admin_key_digests: tuple[bytes, ...] = ()
 
 
 class _Map(dict[str, Any]):
@@ -188,11 +198,69 @@ def parse(text: str, source: str = "<config>") -> FileConfig:
             message = f"connectors {seen[spec.token_digest]!r} and {spec.name!r} share a token"
             raise fail(entries.lines[index], message)
         seen[spec.token_digest] = spec.name
-        if spec.token_digest in digests:
-            raise fail(entries.lines[index], f"connector {spec.name!r} has a token that is also a user key")
+    users = _users(doc.get("users"), doc.lines.get("users", 1) if doc else 1, fail)
+    admins = doc.get("admin_api_keys") or _Seq()
+    if not isinstance(admins, _Seq):
+        raise fail(doc.lines["admin_api_keys"], "admin_api_keys must be a list of strings")
+    admin_digests = tuple(_secret(k, f"admin_api_keys[{i}]", admins.lines[i], fail) for i, k in enumerate(admins))
+    people = {*digests, *(user.key_digest for user in users), *admin_digests}
+    for index, spec in enumerate(specs):
+        if spec.token_digest in people:
+            raise fail(entries.lines[index], f"connector {spec.name!r} has a token that is also a user or admin key")
     line = doc.lines.get("allowed_paths", 1) if doc else 1
     paths = _paths(doc.get("allowed_paths"), "allowed_paths", line, fail)
-    return FileConfig(digests, specs, settings, paths, _warnings(specs, source, entries))
+    warnings = _warnings(specs, source, entries)
+    return FileConfig(digests, specs, settings, paths, warnings, users, admin_digests)
+
+
+def _users(entries: object, line: int, fail: Any) -> tuple[User, ...]:
+    if entries is None:
+        return ()
+    if not isinstance(entries, _Seq):
+        raise fail(line, "users must be a list")
+    users = tuple(_user(entry, i, entries.lines[i], fail) for i, entry in enumerate(entries))
+    seen: dict[object, int] = {}
+    for index, user in enumerate(users):
+        for unique in (user.name, user.key_digest):
+            if unique in seen:
+                raise fail(entries.lines[index], f"users[{index}] repeats the name or key of users[{seen[unique]}]")
+            seen[unique] = index
+    return users
+
+
+def _user(entry: object, index: int, line: int, fail: Any) -> User:
+    what = f"users[{index}]"
+    if not isinstance(entry, _Map):
+        raise fail(line, f"{what} must be a mapping")
+    unknown = set(entry) - _USER_KEYS
+    if unknown:
+        raise fail(line, f"{what}: unknown key(s): {', '.join(sorted(map(str, unknown)))}")
+    name = entry.get("name")
+    if not isinstance(name, str) or not _USER_NAME.fullmatch(name):
+        raise fail(line, f"{what}: name must be 1-64 letters, digits or ._@+-")
+    if "key" not in entry:
+        raise fail(line, f"{what}: key is required")
+    key = _secret(entry["key"], f"{what}.key", entry.lines.get("key", line), fail)
+    models = entry.get("models")
+    if models is not None:
+        if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+            raise fail(line, f"{what}: models must be a list of model names")
+        models = frozenset(models)
+    return User(name, key, models, _limits(entry.get("limits"), what, entry.lines.get("limits", line), fail))
+
+
+def _limits(value: object, what: str, line: int, fail: Any) -> Limits:
+    if value is None:
+        return Limits()
+    if not isinstance(value, _Map):
+        raise fail(line, f"{what}.limits must be a mapping")
+    unknown = set(value) - _LIMIT_KEYS
+    if unknown:
+        raise fail(line, f"{what}.limits: unknown key(s): {', '.join(sorted(map(str, unknown)))}")
+    try:
+        return Limits(**value)
+    except ValueError as exc:
+        raise fail(line, f"{what}.limits: {exc}") from None
 
 
 def _warnings(specs: tuple[ConnectorSpec, ...], source: str, entries: "_Seq") -> tuple[str, ...]:
@@ -246,8 +314,8 @@ def _connector(entry: object, index: int, line: int, fail: Any) -> ConnectorSpec
         if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
             raise fail(line, f"connectors[{index}]: models must be a list of model names")
         models = frozenset(models)
-    limit = entry.get("max_concurrent", DEFAULT_MAX_CONCURRENT)
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+    limit = entry.get("max_concurrent")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise fail(line, f"connectors[{index}]: max_concurrent must be a positive integer")
     token = _secret(entry["token"], f"connectors[{index}].token", line, fail)
     paths = _paths(entry.get("allowed_paths"), f"connectors[{index}].allowed_paths", line, fail)

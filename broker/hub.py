@@ -15,13 +15,14 @@ import msgspec
 
 from broker.body import BodyBudget
 from broker.config import ConfigError, ConnectorSpec
-from broker.keys import bearer, find_secret, presented_key
+from broker.keys import bearer, find_secret
 from broker.logs import RequestLog, log
 from broker.metrics import Metrics, Snapshot
 from broker.router import AtCapacity, ModelRouter, RouteError
 from broker.settings import Settings
 from broker.throttle import AuthThrottle
 from broker.tunnel import Exchange, Interrupt, Session
+from broker.users import Caller, users_of
 from wire import DEAD_AFTER_PINGS, PROTOCOL_VERSION, Chunk, Credit, Drain, End, Head, Hello, Models, Pong
 from wire.endpoints import MAX_MODEL_NAME, MAX_MODELS, valid_model_name
 
@@ -57,6 +58,7 @@ class Hub:
         self.sessions: dict[str, Session] = {}
         self.router: ModelRouter[Session] = ModelRouter(_allowlisted(settings))
         self._reserved = _allowlisted(settings)
+        self.users = users_of(settings)
         self.body_budget = BodyBudget(settings.body_memory_limit)
         _log_warnings(settings)
         self._token_digests = tuple(spec.token_digest for spec in settings.connectors)
@@ -74,12 +76,12 @@ class Hub:
 
     # --- authentication -------------------------------------------------
 
-    def user_allowed(self, authorization: str | None, api_key: str | None = None) -> bool:
-        key = presented_key(authorization, api_key)
-        allowed = key is not None and find_secret(key, self.settings.user_key_digests) is not None
-        if not allowed:
+    def identify(self, authorization: str | None, api_key: str | None) -> Caller | None:
+        """Who presents this key (None: nobody; counted as an auth failure)."""
+        caller = self.users.identify(authorization, api_key)
+        if caller is None:
             self.metrics.auth_failures.labels("user").inc()
-        return allowed
+        return caller
 
     def connector_spec(self, authorization: str | None) -> ConnectorSpec | None:
         token = bearer(authorization)
@@ -153,8 +155,13 @@ class Hub:
     def reload(self, settings: Settings) -> None:
         """New keys and connectors, in place: no stream is dropped, revocations act at once."""
         self.settings = replace(
-            self.settings, user_key_digests=settings.user_key_digests, connectors=settings.connectors
+            self.settings,
+            user_key_digests=settings.user_key_digests,
+            connectors=settings.connectors,
+            users=settings.users,
+            admin_key_digests=settings.admin_key_digests,
         )
+        self.users = users_of(settings)
         self._token_digests = tuple(spec.token_digest for spec in settings.connectors)
         self.settings = replace(self.settings, allowed_paths=settings.allowed_paths)
         specs = {spec.token_digest: spec for spec in settings.connectors}

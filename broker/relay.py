@@ -14,17 +14,20 @@ from typing import NamedTuple
 
 import msgspec
 
+from broker.accounting import Accounting, Tokens, reservation_of
 from broker.affinity import Affinity, IdSniffer
 from broker.asgi import ClientGone, Receive, Scope, Send, header
 from broker.body import BodyRefused, HeldBody, read_held
 from broker.errors import send_error
 from broker.hub import Hub
+from broker.limits import Lease, Rejection
 from broker.logs import log
 from broker.metrics import UNROUTED
 from broker.router import AtCapacity, ModelUnavailable, RouteError
 from broker.routes import JSON_MODEL_ROUTES, RESPONSES_PATH, Family, family, management, responses_object_id
 from broker.settings import Settings
 from broker.tunnel import Exchange, Interrupt, ReplyEvent, Session
+from broker.users import User
 from wire import INITIAL_CREDIT, Chunk, Credit, End, Head
 from wire.headers import forwardable_request_header, forwardable_response_header, valid_header, valid_status
 
@@ -62,9 +65,10 @@ _decode_body = msgspec.json.Decoder(_Body).decode
 
 
 class Relay:
-    def __init__(self, hub: Hub, affinity: Affinity) -> None:
+    def __init__(self, hub: Hub, affinity: Affinity, accounting: Accounting) -> None:
         self.hub = hub
         self.affinity = affinity
+        self.accounting = accounting
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = _raw_path(scope)
@@ -74,12 +78,16 @@ class Relay:
         try:
             target = await self._admit(scope, receive, send, path, held, out)
             if target is not None:
+                target = await self._limit(send, held.data, target, out)
+            if target is not None:
                 watcher = asyncio.ensure_future(_watch_disconnect(receive, out))
                 await self._forward(scope, send, path, held.data, target, out)
         finally:
             held.release()
             if watcher is not None:
                 watcher.cancel()
+            if out.lease is not None:  # every way out gives the slot back and settles the tokens
+                await out.lease.settle(out.tokens.total if out.tokens.source != "unknown" else out.reserve)
             self._account(out)
 
     async def _admit(
@@ -88,9 +96,11 @@ class Relay:
         """Where the request may go, once its route, key, body and model check out (the
         body is then in ``held``); None once the user was answered or left."""
         hub = self.hub
-        if not hub.user_allowed(header(scope, b"authorization"), header(scope, b"x-api-key")):
+        caller = hub.identify(header(scope, b"authorization"), header(scope, b"x-api-key"))
+        if caller is None or caller.user is None:
             await out.fail(send, 401, "invalid_api_key", "Incorrect or missing API key.")
             return None
+        out.user = caller.user
         target = self._route_of(scope["method"], path)
         if target is None:
             if management(path):
@@ -124,6 +134,9 @@ class Relay:
             await out.fail(send, 400, "invalid_request", "The body must be a JSON object with a 'model' string.")
             return None
         out.model = body.model
+        if not caller.user.may_use(body.model):
+            await out.fail(send, 403, "model_not_allowed", f"This key may not use the model {body.model!r}.")
+            return None
         if path == RESPONSES_PATH:
             out.sniffer = IdSniffer()  # its id will lead the by-id routes back here
             creator = self.affinity.connector_of(body.previous_response_id) if body.previous_response_id else None
@@ -143,6 +156,17 @@ class Relay:
         if any(path in spec.allowed_paths for spec in self.hub.settings.connectors):
             return _Target(lambda session: path in session.spec.allowed_paths)
         return None
+
+    async def _limit(self, send: Send, body: bytes, target: _Target, out: "_Outcome") -> _Target | None:
+        """The user's limits, at admission: a lease to settle at the end, or a 429 now."""
+        assert out.user is not None
+        verdict = await self.accounting.admit(out.user, body)
+        if isinstance(verdict, Rejection):
+            await out.fail(send, verdict.status, verdict.code, verdict.message, verdict.headers)
+            return None
+        if verdict is not None:
+            out.lease, out.reserve = verdict, reservation_of(body)
+        return target
 
     async def _creator(self, target: _Target, send: Send, out: "_Outcome") -> _Target | None:
         """A by-id route goes to the connector that created the object: 404 if none did here."""
@@ -223,8 +247,15 @@ class Relay:
         metrics.bytes.labels("response").inc(out.bytes)
         if out.ttfb:
             metrics.ttfb.labels(model).observe(out.ttfb)
+        if out.user is not None:
+            self.accounting.record(
+                user=out.user, model=model,  # unrouted: a label, not whatever model was asked for
+                connector=out.connector if out.routed else None, status=out.status, tokens=out.tokens,
+                started=out.wall_started, ttfb=out.ttfb, duration=elapsed,
+            )  # fmt: skip
         hub.request_log.write(
             id=out.request_id,
+            user=(out.user.name or "-") if out.user is not None else "-",
             model=out.model if out.routed else "-",
             connector=out.connector,
             status=out.status,
@@ -239,8 +270,9 @@ class _Outcome:
     """What happened to one user request, for its reply, its log line and its metrics."""
 
     __slots__ = (
-        "bytes", "connector", "ended", "exchange", "family", "gone", "head_sent", "model", "request_bytes",
-        "request_id", "result", "routed", "sniffer", "started", "status", "ttfb",
+        "bytes", "connector", "ended", "exchange", "family", "gone", "head_sent", "lease", "model", "request_bytes",
+        "request_id", "reserve", "result", "routed", "sniffer", "started", "status", "tokens", "ttfb", "user",
+        "wall_started",
     )  # fmt: skip
 
     def __init__(self, request_id: str, family: Family) -> None:
@@ -260,6 +292,11 @@ class _Outcome:
         self.gone = False
         self.result = "ok"
         self.sniffer: IdSniffer | None = None  # set for a Responses create: finds the new id
+        self.wall_started = time.time()
+        self.user: User | None = None
+        self.lease: Lease | None = None  # a limited user's admission, settled at the end
+        self.reserve = 0  # the tokens reserved for it
+        self.tokens = Tokens()  # what the request used, once known
 
     async def fail(self, send: Send, status: int, code: str, message: str, headers: Headers = ()) -> None:
         self.status = status
@@ -291,6 +328,8 @@ async def _respond(exchange: Exchange, send: Send, settings: Settings, out: _Out
     out.status = event.status
     overhead = b"%.2f" % max(0.0, out.ttfb * 1000 - event.llm_ms)
     headers += [*_NO_BUFFERING, (b"x-remotellm-overhead-ms", overhead), (b"x-request-id", out.request_id.encode())]
+    if out.lease is not None:
+        headers += out.lease.headers
     await send({"type": "http.response.start", "status": event.status, "headers": headers})
     out.head_sent = True
     queue = exchange.events

@@ -13,7 +13,7 @@ class Endpoint(Protocol):
     @property
     def in_flight(self) -> int: ...
     @property
-    def max_concurrent(self) -> int: ...
+    def max_concurrent(self) -> int | None: ...
 
 
 E = TypeVar("E", bound=Endpoint)
@@ -85,7 +85,7 @@ class ModelRouter(Generic[E]):
             raise (ModelUnavailable if model in self._known else ModelNotFound)(model)
         assert serving is not None
         best = min(candidates, key=_load)
-        if best.in_flight >= best.max_concurrent:
+        if best.max_concurrent is not None and best.in_flight >= best.max_concurrent:
             raise AtCapacity(model)
         if len(serving) > 1:  # ties go round-robin: the chosen one moves to the back
             serving.remove(best)
@@ -93,5 +93,10 @@ class ModelRouter(Generic[E]):
         return best
 
 
+# An uncapped connector counts as having room for this many requests: uncapped ones are
+# preferred to capped ones at the same count, and still share the load among themselves.
+UNCAPPED = 1024
+
+
 def _load(connector: Endpoint) -> float:
-    return connector.in_flight / connector.max_concurrent
+    return connector.in_flight / (connector.max_concurrent or UNCAPPED)

@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from broker import h2_patches, logs, tunnel_api
+from broker.accounting import Accounting
 from broker.affinity import MemoryAffinity
 from broker.asgi import DrainBody, Receive, Scope, Send
 from broker.edge import CanonicalTarget
@@ -28,6 +29,8 @@ from broker.metrics import CONTENT_TYPE
 from broker.relay import Relay
 from broker.routes import Family
 from broker.settings import Settings
+from broker.usage import usage_query
+from broker.users import Caller, User
 from wire import POLL_PATH, REGISTER_PATH, REPLY_PATH
 
 
@@ -70,8 +73,18 @@ async def metrics(request: Request) -> Response:
     return Response(_hub(request).metrics.render(), media_type=CONTENT_TYPE)
 
 
-def _user(request: Request) -> bool:
-    return _hub(request).user_allowed(request.headers.get("authorization"), request.headers.get("x-api-key"))
+def _caller(request: Request) -> Caller | None:
+    return _hub(request).identify(request.headers.get("authorization"), request.headers.get("x-api-key"))
+
+
+def _user(request: Request) -> User | None:
+    caller = _caller(request)
+    return caller.user if caller is not None else None
+
+
+def _models_for(request: Request, user: User) -> list[str]:
+    """The live models this user may use: the model lists are filtered by the user's allowlist."""
+    return [model for model in _hub(request).router.models() if user.may_use(model)]
 
 
 def _model_object(model: str) -> dict[str, object]:
@@ -79,20 +92,37 @@ def _model_object(model: str) -> dict[str, object]:
 
 
 async def list_models(request: Request) -> Response:
-    hub = _hub(request)
-    if not _user(request):
+    user = _user(request)
+    if user is None:
         return _error(401, "invalid_api_key", "Incorrect or missing API key.")
-    return JSONResponse({"object": "list", "data": [_model_object(m) for m in hub.router.models()]})
+    return JSONResponse({"object": "list", "data": [_model_object(m) for m in _models_for(request, user)]})
 
 
 async def get_model(request: Request) -> Response:
-    hub = _hub(request)
-    if not _user(request):
+    user = _user(request)
+    if user is None:
         return _error(401, "invalid_api_key", "Incorrect or missing API key.")
     model = request.path_params["model"]
-    if model not in hub.router.models():
+    if model not in _models_for(request, user):
         return _error(404, "model_not_found", f"The model {model!r} is not being served.")
     return JSONResponse(_model_object(model))
+
+
+async def usage(request: Request) -> Response:
+    """GET /v1/usage: a user's own rows; with an admin key, everyone's (or ``user=NAME``'s)."""
+    caller = _caller(request)
+    if caller is None:
+        return _error(401, "invalid_api_key", "Incorrect or missing API key.")
+    try:
+        name = caller.user.name if caller.user is not None else None
+        query = usage_query(request.query_params, caller=name, admin=caller.admin)
+    except ValueError as exc:
+        return _error(400, "invalid_request", str(exc))
+    except PermissionError as exc:
+        return _error(403, "forbidden", str(exc))
+    accounting: Accounting = request.app.state.accounting
+    assert accounting.store is not None  # started with the app
+    return JSONResponse({"object": "list", "data": await accounting.store.query(query)})
 
 
 # What /api/version reports: the Ollama API release whose routes the broker serves.
@@ -109,10 +139,11 @@ def _ollama_model(model: str) -> dict[str, object]:
 
 
 async def ollama_tags(request: Request) -> Response:
-    """Ollama's model list: every model with a live connector (the broker answers it)."""
-    if not _user(request):
+    """Ollama's model list: every model with a live connector that the user may use."""
+    user = _user(request)
+    if user is None:
         return _ollama_error(401, "Incorrect or missing API key.")
-    return JSONResponse({"models": [_ollama_model(m) for m in _hub(request).router.models()]})
+    return JSONResponse({"models": [_ollama_model(m) for m in _models_for(request, user)]})
 
 
 async def ollama_ps(request: Request) -> Response:
@@ -127,7 +158,7 @@ async def ollama_ps(request: Request) -> Response:
 
 
 async def ollama_version(request: Request) -> Response:
-    if not _user(request):
+    if _user(request) is None:
         return _ollama_error(401, "Incorrect or missing API key.")
     return JSONResponse({"version": OLLAMA_API_VERSION})
 
@@ -147,6 +178,8 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         hub.start(reload)
+        accounting.start()
+        app.state.accounting = accounting
         loop = asyncio.get_running_loop()
         if reload is not None:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
@@ -155,13 +188,16 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.remove_signal_handler(signal.SIGHUP)
         hub.close()
+        await accounting.aclose()
 
-    relay = Relay(hub, MemoryAffinity(settings.response_ttl))
+    accounting = Accounting(settings, hub.metrics)
+    relay = Relay(hub, MemoryAffinity(settings.response_ttl), accounting)
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        Route("/v1/usage", usage, methods=["GET"]),
         Route("/api/tags", ollama_tags, methods=["GET"]),
         Route("/api/ps", ollama_ps, methods=["GET"]),
         Route("/api/version", ollama_version, methods=["GET"]),

@@ -12,7 +12,9 @@ from typing import Any, Literal
 from argparse_dataclass import ArgumentParser
 
 from broker.config import SETTINGS, ConfigError, ConnectorSpec, load_file
+from broker.database import DEFAULT_DATABASE
 from broker.keys import parse_secret
+from broker.users import User
 from wire import MAX_FRAME_SIZE
 
 # Room in a request frame for everything but the body: method, path, headers.
@@ -31,6 +33,18 @@ class BrokerArgs:
     keyfile: str | None = field(default=None, metadata={"type": str, "help": "TLS private key (PEM)"})
     user_api_key: list[str] | None = field(
         default=None, metadata={"type": str, "help": "a user key (repeatable)", "metavar": "KEY"}
+    )
+    admin_api_key: list[str] | None = field(
+        default=None, metadata={"type": str, "help": "an admin key (repeatable)", "metavar": "KEY"}
+    )
+    database: str | None = field(
+        default=None, metadata={"type": str, "metavar": "URL", "help": "usage database: a SQLite path or postgresql://"}
+    )
+    redis_url: str | None = field(
+        default=None, metadata={"type": str, "metavar": "URL", "help": "Redis shared by several brokers (limits)"}
+    )
+    usage_retention_days: int | None = field(
+        default=None, metadata={"type": int, "help": "days each request's usage row is kept (90; hourly sums stay)"}
     )
     connector_config: str | None = field(
         default=None, metadata={"type": str, "help": "connectors.yaml", "metavar": "FILE"}
@@ -76,7 +90,7 @@ class BrokerArgs:
     )
 
 
-_REPEATABLE = ("user_api_key",)
+_REPEATABLE = ("user_api_key", "admin_api_key")
 
 
 def parse_cli(argv: list[str], prog: str = "python -m broker") -> BrokerArgs:
@@ -108,6 +122,11 @@ class Settings:
     max_sessions_per_token: int = 16  # replicas of one connector each hold a session
     max_replies_per_session: int = 8  # the connector uses one (a few while a proxy batches)
     response_ttl: float = 30 * 24 * 3600.0  # as long as OpenAI keeps a stored response
+    database: str = DEFAULT_DATABASE  # usage: a SQLite path or postgresql:// URL
+    redis_url: str | None = None  # limits shared by several brokers
+    usage_retention_days: int = 90
+    users: tuple[User, ...] = ()  # named users (connectors.yaml)
+    admin_key_digests: tuple[bytes, ...] = ()
     allowed_paths: frozenset[str] = frozenset()  # extra POST paths any connector may be sent
     warnings: tuple[str, ...] = ()
     queue_timeout: float = 2.0  # how long a request may wait for a free slot before 429
@@ -135,16 +154,14 @@ def resolve(args: BrokerArgs | None, env: Mapping[str, str]) -> Settings:
         raise ConfigError("certfile and keyfile go together")
     _check_body_limits(values)
 
-    plain_keys = list(args.user_api_key or [])
-    plain_keys += [k.strip() for k in env.get("REMOTELLM_USER_API_KEYS", "").split(",") if k.strip()]
-    try:
-        digests = tuple(parse_secret(k) for k in plain_keys)
-    except ValueError as exc:
-        raise ConfigError(f"user API key: {exc}") from None
+    digests = _key_digests(args.user_api_key, env.get("REMOTELLM_USER_API_KEYS", ""), "user")
+    admin_digests = _key_digests(args.admin_api_key, env.get("REMOTELLM_ADMIN_API_KEYS", ""), "admin")
     if file:
         digests += file.user_key_digests
-        if any(spec.token_digest in digests for spec in file.connectors):
-            raise ConfigError("a user API key is also a connector token: give each its own secret")
+        admin_digests += file.admin_key_digests
+        people = {*digests, *admin_digests, *(user.key_digest for user in file.users)}
+        if any(spec.token_digest in people for spec in file.connectors):
+            raise ConfigError("a user or admin API key is also a connector token: give each its own secret")
     return Settings(
         **values,
         user_key_digests=tuple(dict.fromkeys(digests)),
@@ -152,7 +169,18 @@ def resolve(args: BrokerArgs | None, env: Mapping[str, str]) -> Settings:
         connector_config=config_path,
         allowed_paths=file.allowed_paths if file else frozenset(),
         warnings=file.warnings if file else (),
+        users=file.users if file else (),
+        admin_key_digests=tuple(dict.fromkeys(admin_digests)),
     )
+
+
+def _key_digests(given: list[str] | None, from_env: str, what: str) -> tuple[bytes, ...]:
+    """Keys from the CLI (repeatable) and a comma-separated variable, as digests."""
+    plain = list(given or []) + [k.strip() for k in from_env.split(",") if k.strip()]
+    try:
+        return tuple(parse_secret(k) for k in plain)
+    except ValueError as exc:
+        raise ConfigError(f"{what} API key: {exc}") from None
 
 
 def _check_body_limits(values: dict[str, Any]) -> None:

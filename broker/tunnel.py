@@ -79,7 +79,7 @@ class Session:
 
     # Endpoint protocol of the router
     @property
-    def max_concurrent(self) -> int:
+    def max_concurrent(self) -> int | None:
         return self.spec.max_concurrent
 
     @property

@@ -137,7 +137,11 @@ class Stack:
         name: str = "broker",
     ) -> "BrokerHandle":
         port = port or free_port()
-        full_env = {"REMOTELLM_USER_API_KEYS": ",".join(user_keys), **(env or {})}
+        full_env = {
+            "REMOTELLM_USER_API_KEYS": ",".join(user_keys),
+            "REMOTELLM_DATABASE": str(self.log_dir / f"{name}-usage.db"),  # never the tree's remotellm.db
+            **(env or {}),
+        }
         if config is not None:
             path = self.log_dir / f"{name}-connectors.yaml"
             path.write_text(config)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from broker import keys
-from broker.config import DEFAULT_MAX_CONCURRENT, ConfigError, load_file, parse
+from broker.config import ConfigError, load_file, parse
 from broker.settings import BrokerArgs, Settings, resolve
 from broker.settings import parse_cli as broker_cli
 from connector import settings as connector_settings
@@ -63,7 +63,7 @@ def test_parse_full_file() -> None:
     assert second.token_digest == digest("ct-secret-2")
     assert second.llm_api_key is None
     assert second.models is None
-    assert second.max_concurrent == DEFAULT_MAX_CONCURRENT == 8  # the README documents 8
+    assert second.max_concurrent is None  # no cap unless configured: the LLM server queues by itself
     assert config.settings == {"port": 9443, "idle_timeout": 12.5}
 
 
@@ -581,7 +581,7 @@ def test_secrets_must_be_visible_ascii_without_whitespace(text: str, line: int) 
 
 
 def test_a_user_key_may_not_be_a_connector_token(tmp_path: Path) -> None:
-    assert "also a user key" in config_error("user_api_keys: [shared-1]\nconnectors:\n  - token: shared-1\n")
+    assert "also a user or admin key" in config_error("user_api_keys: [shared-1]\nconnectors:\n  - token: shared-1\n")
     path = tmp_path / "c.yaml"
     path.write_text("connectors:\n  - token: shared-2\n")
     with pytest.raises(ConfigError, match="also a connector token"):
