@@ -17,6 +17,9 @@ from wire.endpoints import (
 from wire.frames import (
     INITIAL_CREDIT,
     PROTOCOL_VERSION,
+    UPLOAD_CREDIT,
+    Batch,
+    Body,
     Cancel,
     Chunk,
     Credit,
@@ -33,9 +36,12 @@ from wire.frames import (
     Welcome,
 )
 from wire.framing import MAX_FRAME_SIZE, FrameDecoder, FrameError, decode_all, encode, encode_many
+from wire.limits import DEFAULT_LIMITS, Limits, check_models
+from wire.protocol import BrokerConnection, ConnectorConnection, Inbound, ProtocolError, ReplyState
 
 __all__ = [
     "DEAD_AFTER_PINGS",
+    "DEFAULT_LIMITS",
     "FRAMES_CONTENT_TYPE",
     "INITIAL_CREDIT",
     "MAX_FRAME_SIZE",
@@ -46,8 +52,13 @@ __all__ = [
     "REPLY_PATH",
     "SESSION_HEADER",
     "SHORT_POLL_QUERY",
+    "UPLOAD_CREDIT",
+    "Batch",
+    "Body",
+    "BrokerConnection",
     "Cancel",
     "Chunk",
+    "ConnectorConnection",
     "Credit",
     "Drain",
     "End",
@@ -57,11 +68,16 @@ __all__ = [
     "FrameError",
     "Head",
     "Hello",
+    "Inbound",
+    "Limits",
     "Models",
     "Ping",
     "Pong",
+    "ProtocolError",
+    "ReplyState",
     "Request",
     "Welcome",
+    "check_models",
     "decode_all",
     "encode",
     "encode_many",
