@@ -18,6 +18,7 @@ from broker.keys import hash_form
 from broker.logs import log
 from broker.server import create_app
 from broker.settings import Settings, parse_cli, resolve
+from wire.endpoints import loopback
 
 # hypercorn closes a connection after 1000 requests by default (GOAWAY): fatal for a tunnel.
 KEEP_ALIVE_MAX_REQUESTS = 2**31
@@ -62,6 +63,8 @@ def _check_config(args: list[str]) -> int:
     except ConfigError as exc:
         print(f"invalid: {exc}", file=sys.stderr)
         return 1
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"ok: {len(config.connectors)} connector(s), {len(config.user_key_digests)} user key(s)")
     return 0
 
@@ -83,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"python -m broker: {exc}", file=sys.stderr)
         return 2
+    if not settings.certfile and not loopback(settings.host):
+        log.warning("serving %s without TLS: user keys and connector tokens cross the network in clear text; "
+                    "give --certfile/--keyfile or put a TLS proxy in front", settings.host)  # fmt: skip
     with asyncio.Runner(loop_factory=_fastest_loop()) as runner:
         runner.run(_serve(settings, reload=lambda: resolve(args, os.environ)))
     return 0

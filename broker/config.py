@@ -10,7 +10,8 @@ from typing import Any
 
 import yaml
 
-from broker.keys import parse_secret
+from broker.keys import check_visible, parse_secret
+from broker.routes import validate_allowed_path
 
 DEFAULT_MAX_CONCURRENT = 8
 
@@ -70,8 +71,11 @@ SETTINGS: dict[str, Any] = {
     "model_refresh": _positive(float),
     "queue_timeout": _positive(float),
     "max_body_size": _positive(int),
+    "body_timeout": _positive(float),
+    "body_memory_limit": _positive(int),
 }
-_CONNECTOR_KEYS = frozenset({"name", "token", "llm_api_key", "models", "max_concurrent"})
+_CONNECTOR_KEYS = frozenset({"name", "token", "llm_api_key", "models", "max_concurrent", "allowed_paths"})
+_TOP_LEVEL_KEYS = frozenset({"user_api_keys", "connectors", "allowed_paths"})
 
 
 class ConfigError(ValueError):
@@ -85,8 +89,9 @@ class ConnectorSpec:
     name: str
     token_digest: bytes
     llm_api_key: str | None = field(repr=False)
-    models: frozenset[str] | None  # None: any model
+    models: frozenset[str] | None  # None: any model not reserved to another token
     max_concurrent: int
+    allowed_paths: frozenset[str] = frozenset()  # extra POST paths this connector's LLM may be sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +99,8 @@ class FileConfig:
     user_key_digests: tuple[bytes, ...]
     connectors: tuple[ConnectorSpec, ...]
     settings: dict[str, Any]
+    allowed_paths: frozenset[str] = frozenset()  # extra POST paths any connector may be sent
+    warnings: tuple[str, ...] = ()  # valid, but worth an operator's attention
 
 
 class _Map(dict[str, Any]):
@@ -155,7 +162,7 @@ def parse(text: str, source: str = "<config>") -> FileConfig:
     def fail(line: int, message: str) -> ConfigError:
         return ConfigError(f"{source}:{line}: {message}")
 
-    unknown = [key for key in doc if key not in SETTINGS and key not in ("user_api_keys", "connectors")]
+    unknown = [key for key in doc if key not in SETTINGS and key not in _TOP_LEVEL_KEYS]
     if unknown:
         raise fail(doc.lines[unknown[0]], f"unknown key(s): {', '.join(sorted(unknown))}")
     settings = {}
@@ -178,7 +185,31 @@ def parse(text: str, source: str = "<config>") -> FileConfig:
             message = f"connectors {seen[spec.token_digest]!r} and {spec.name!r} share a token"
             raise fail(entries.lines[index], message)
         seen[spec.token_digest] = spec.name
-    return FileConfig(digests, specs, settings)
+        if spec.token_digest in digests:
+            raise fail(entries.lines[index], f"connector {spec.name!r} has a token that is also a user key")
+    line = doc.lines.get("allowed_paths", 1) if doc else 1
+    paths = _paths(doc.get("allowed_paths"), "allowed_paths", line, fail)
+    return FileConfig(digests, specs, settings, paths, _warnings(specs, source, entries))
+
+
+def _warnings(specs: tuple[ConnectorSpec, ...], source: str, entries: "_Seq") -> tuple[str, ...]:
+    return tuple(
+        f"{source}:{entries.lines[index]}: connector {spec.name!r} has no models: list, so it may serve "
+        "any model that no other token reserves; name its models to keep it to them"
+        for index, spec in enumerate(specs)
+        if spec.models is None
+    )
+
+
+def _paths(value: object, what: str, line: int, fail: Any) -> frozenset[str]:
+    if value is None:
+        return frozenset()
+    if not isinstance(value, list):
+        raise fail(line, f"{what} must be a list of paths")
+    try:
+        return frozenset(validate_allowed_path(path) for path in value)
+    except ValueError as exc:
+        raise fail(line, f"{what}: {exc}") from None
 
 
 def _secret(value: object, what: str, line: int, fail: Any) -> bytes:
@@ -202,8 +233,11 @@ def _connector(entry: object, index: int, line: int, fail: Any) -> ConnectorSpec
     if not isinstance(name, str) or not name:
         raise fail(line, f"connectors[{index}]: name must be a non-empty string")
     llm_key = entry.get("llm_api_key")
-    if llm_key is not None and (not isinstance(llm_key, str) or not llm_key):
-        raise fail(line, f"connectors[{index}]: llm_api_key must be a non-empty string")
+    if llm_key is not None:
+        try:
+            check_visible(llm_key if isinstance(llm_key, str) else "")
+        except ValueError as exc:
+            raise fail(line, f"connectors[{index}]: llm_api_key: {exc}") from None
     models = entry.get("models")
     if models is not None:
         if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
@@ -213,4 +247,5 @@ def _connector(entry: object, index: int, line: int, fail: Any) -> ConnectorSpec
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise fail(line, f"connectors[{index}]: max_concurrent must be a positive integer")
     token = _secret(entry["token"], f"connectors[{index}].token", line, fail)
-    return ConnectorSpec(name, token, llm_key, models, limit)
+    paths = _paths(entry.get("allowed_paths"), f"connectors[{index}].allowed_paths", line, fail)
+    return ConnectorSpec(name, token, llm_key, models, limit, paths)

@@ -13,11 +13,12 @@ from typing import Any
 
 import msgspec
 
+from broker.body import BodyBudget
 from broker.config import ConfigError, ConnectorSpec
-from broker.keys import bearer, find_secret
+from broker.keys import bearer, find_secret, presented_key
 from broker.logs import RequestLog, log
 from broker.metrics import Metrics, Snapshot
-from broker.router import AtCapacity, ModelRouter, Route, RouteError
+from broker.router import AtCapacity, ModelRouter, RouteError
 from broker.settings import Settings
 from broker.throttle import AuthThrottle
 from broker.tunnel import Exchange, Interrupt, Session
@@ -26,6 +27,7 @@ from wire import DEAD_AFTER_PINGS, PROTOCOL_VERSION, Chunk, Credit, Drain, End, 
 DISCOVERY_TIMEOUT = 30.0
 DISCOVERY_RETRY_MAX = 60.0
 CONFIG_WATCH_INTERVAL = 2.0
+CONFIG_SETTLE = 0.5  # a changed file is applied once it stayed the same this long (not half-written)
 
 
 class Refused(Exception):
@@ -52,6 +54,9 @@ class Hub:
         self.request_log = RequestLog(settings.log_format)
         self.sessions: dict[str, Session] = {}
         self.router: ModelRouter[Session] = ModelRouter(_allowlisted(settings))
+        self._reserved = _allowlisted(settings)
+        self.body_budget = BodyBudget(settings.body_memory_limit)
+        _log_warnings(settings)
         self._token_digests = tuple(spec.token_digest for spec in settings.connectors)
         self._slot_freed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -67,8 +72,8 @@ class Hub:
 
     # --- authentication -------------------------------------------------
 
-    def user_allowed(self, authorization: str | None) -> bool:
-        key = bearer(authorization)
+    def user_allowed(self, authorization: str | None, api_key: str | None = None) -> bool:
+        key = presented_key(authorization, api_key)
         allowed = key is not None and find_secret(key, self.settings.user_key_digests) is not None
         if not allowed:
             self.metrics.auth_failures.labels("user").inc()
@@ -145,8 +150,11 @@ class Hub:
             self.settings, user_key_digests=settings.user_key_digests, connectors=settings.connectors
         )
         self._token_digests = tuple(spec.token_digest for spec in settings.connectors)
+        self.settings = replace(self.settings, allowed_paths=settings.allowed_paths)
         specs = {spec.token_digest: spec for spec in settings.connectors}
-        self.router.know(_allowlisted(settings))
+        self._reserved = _allowlisted(settings)
+        self.router.know(self._reserved)
+        _log_warnings(settings)
         for session in list(self.sessions.values()):
             spec = specs.get(session.spec.token_digest)
             if spec is None:
@@ -175,9 +183,15 @@ class Hub:
         while True:
             await asyncio.sleep(CONFIG_WATCH_INTERVAL)
             stamp = _stamp(path)
-            if stamp != last:
-                last = stamp
-                self.reload_from(load)
+            if stamp == last:
+                continue
+            while True:  # an editor may still be writing: wait until the file holds still
+                await asyncio.sleep(CONFIG_SETTLE)
+                settled, stamp = stamp, _stamp(path)
+                if settled == stamp:
+                    break
+            last = stamp
+            self.reload_from(load)
 
     def close(self) -> None:
         for session in list(self.sessions.values()):
@@ -229,7 +243,15 @@ class Hub:
         if session.closed or session.leaving or session.poll_generation == 0:
             return  # (a session is routed once it polls)
         allowed = session.spec.models
-        models = session.offered if allowed is None else session.offered & allowed
+        if allowed is None:  # an unrestricted token may not take models reserved to others
+            models = session.offered - self._reserved
+            taken = sorted(session.offered & self._reserved)
+            if taken and frozenset(taken) != session.refused:
+                log.warning("connector %s may not serve %s: reserved to the connectors that list them",
+                            session.name, ", ".join(taken))  # fmt: skip
+            session.refused = frozenset(taken)
+        else:
+            models = session.offered & allowed
         if models == self.router.models_of(session) and session in self.router.connectors():
             return
         self.router.set_models(session, models)
@@ -274,10 +296,10 @@ class Hub:
 
     # --- routing ---------------------------------------------------------
 
-    async def route(self, model: str) -> Route[Session]:
-        """A route for the model, waiting briefly for a free slot; raises RouteError."""
+    async def route(self, model: str, accepts: Callable[[Session], bool] | None = None) -> Session:
+        """A connector for the model, waiting briefly for a free slot; raises RouteError."""
         try:
-            return self.router.get_route(model)
+            return self.router.get_route(model, accepts=accepts)
         except AtCapacity:
             pass
         deadline = time.monotonic() + self.settings.queue_timeout
@@ -287,17 +309,17 @@ class Hub:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._slot_freed.wait(), deadline - time.monotonic())
                 try:
-                    return self.router.get_route(model)
+                    return self.router.get_route(model, accepts=accepts)
                 except AtCapacity:
                     if time.monotonic() >= deadline:
                         raise
         finally:
             self.queued -= 1
 
-    def alternate(self, model: str, failed: Session) -> Session | None:
+    def alternate(self, model: str, failed: Session, accepts: Callable[[Session], bool]) -> Session | None:
         """Another live connector with a free slot for a request that lost its own."""
         try:
-            return self.router.get_route(model, exclude=failed).connector
+            return self.router.get_route(model, exclude=failed, accepts=accepts)
         except RouteError:
             return None
 
@@ -331,13 +353,18 @@ def _allowlisted(settings: Settings) -> frozenset[str]:
     return frozenset().union(*(spec.models or () for spec in settings.connectors))
 
 
+def _log_warnings(settings: Settings) -> None:
+    for warning in settings.warnings:
+        log.warning("%s", warning)
+
+
 def _models_text(hello: Hello) -> str:
     return ", ".join(hello.models) if hello.models else "to be discovered"
 
 
-def _stamp(path: str) -> tuple[float, int] | None:
+def _stamp(path: str) -> tuple[int, int, int] | None:
     try:
         stat = os.stat(path)
     except OSError:
         return None
-    return stat.st_mtime, stat.st_size
+    return stat.st_mtime_ns, stat.st_size, stat.st_ino

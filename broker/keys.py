@@ -6,9 +6,13 @@ so nothing it logs, reports or dumps can leak one.
 
 import hashlib
 import hmac
+import re
 from collections.abc import Iterable
 
 _PREFIX = "sha256:"
+# Visible ASCII, no whitespace: what survives every header, shell and YAML unchanged. A key
+# with an edge space would otherwise work in one client and fail, or leak, in another.
+_VISIBLE = re.compile(r"[\x21-\x7e]+")
 
 
 def digest_of(secret: str) -> bytes:
@@ -25,9 +29,17 @@ def parse_secret(text: str) -> bytes:
             return bytes.fromhex(hexdigest)
         except ValueError:
             raise ValueError("a sha256: secret needs exactly 64 hex digits") from None
+    check_visible(text)
+    return digest_of(text)
+
+
+def check_visible(text: str) -> str:
+    """A secret must be visible ASCII without whitespace; ValueError (never quoting it) if not."""
     if not text:
         raise ValueError("a secret may not be empty")
-    return digest_of(text)
+    if not _VISIBLE.fullmatch(text):
+        raise ValueError("a secret must be visible ASCII characters, without spaces or control characters")
+    return text
 
 
 def hash_form(secret: str) -> str:
@@ -43,6 +55,11 @@ def find_secret(presented: str, digests: Iterable[bytes]) -> int | None:
         if hmac.compare_digest(candidate, digest) and found is None:
             found = index
     return found
+
+
+def presented_key(authorization: str | None, api_key: str | None) -> str | None:
+    """The key of ``Authorization: Bearer KEY``, else of ``x-api-key: KEY`` (Anthropic clients)."""
+    return bearer(authorization) or (api_key.strip() if api_key and api_key.strip() else None)
 
 
 def bearer(authorization: str | None) -> str | None:

@@ -9,44 +9,26 @@ import contextlib
 import re
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import msgspec
 
-from broker.asgi import ClientGone, Receive, Scope, Send, header, read_body
+from broker.asgi import ClientGone, Receive, Scope, Send, header
+from broker.body import BodyRefused, HeldBody, read_held
 from broker.errors import send_error
 from broker.hub import Hub
 from broker.logs import log
 from broker.metrics import UNROUTED
 from broker.router import AtCapacity, RouteError
+from broker.routes import JSON_MODEL_ROUTES, Family, family, management
 from broker.settings import Settings
-from broker.tunnel import Exchange, Interrupt, ReplyEvent
+from broker.tunnel import Exchange, Interrupt, ReplyEvent, Session
 from wire import INITIAL_CREDIT, Chunk, Credit, End, Head
+from wire.headers import forwardable_request_header, forwardable_response_header, valid_header, valid_status
 
-# Request headers that describe this hop, not the request; the user's Authorization
-# never leaves the broker.
-_HOP_REQUEST = frozenset(
-    b"authorization host content-length connection keep-alive transfer-encoding te "
-    b"upgrade proxy-authorization proxy-connection http2-settings expect x-request-id".split()
-)
-# Response headers the broker sets itself or that describe the LLM's hop.
-_HOP_RESPONSE = frozenset(
-    [
-        "connection",
-        "keep-alive",
-        "transfer-encoding",
-        "te",
-        "trailer",
-        "upgrade",
-        "proxy-connection",
-        "date",
-        "cache-control",
-        "x-accel-buffering",
-        "x-remotellm-overhead-ms",
-        "x-request-id",
-    ]
-)
+# Response headers the broker sets itself.
+_SET_BY_BROKER = frozenset(["date", "cache-control", "x-accel-buffering", "x-remotellm-overhead-ms", "x-request-id"])
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # Credit is returned in steps of half the window: one frame per 64 KiB the user reads.
 CREDIT_STEP = INITIAL_CREDIT // 2
@@ -56,6 +38,7 @@ _END_ERRORS = {
     "llm_unreachable": "the connector could not reach its LLM",
     "llm_failed": "the LLM failed before answering",
     "internal": "the connector could not forward the request",
+    "forbidden": "the connector refused to forward the request",
 }
 
 
@@ -73,61 +56,84 @@ class Relay:
         self.hub = hub
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        out = _Outcome(_request_id(header(scope, b"x-request-id")))
+        path = _raw_path(scope)
+        out = _Outcome(_request_id(header(scope, b"x-request-id")), family(path))
+        held = HeldBody(self.hub.body_budget)
         watcher: asyncio.Future[None] | None = None
         try:
-            body = await self._admit(scope, receive, send, out)
-            if body is not None:
+            accepts = await self._admit(scope, receive, send, path, held, out)
+            if accepts is not None:
                 watcher = asyncio.ensure_future(_watch_disconnect(receive, out))
-                await self._forward(scope, send, body, out)
+                await self._forward(scope, send, path, held.data, accepts, out)
         finally:
+            held.release()
             if watcher is not None:
                 watcher.cancel()
             self._account(out)
 
-    async def _admit(self, scope: Scope, receive: Receive, send: Send, out: "_Outcome") -> bytes | None:
-        """The request body, once the key, the size and the model check out; else None."""
+    async def _admit(
+        self, scope: Scope, receive: Receive, send: Send, path: str, held: HeldBody, out: "_Outcome"
+    ) -> "Accepts | None":
+        """Which connectors may take the request, once its route, key, body and model check
+        out (the body is then in ``held``); None once the user was answered or left."""
         hub = self.hub
-        if not hub.user_allowed(header(scope, b"authorization")):
+        if not hub.user_allowed(header(scope, b"authorization"), header(scope, b"x-api-key")):
             await out.fail(send, 401, "invalid_api_key", "Incorrect or missing API key.")
             return None
-        limit = hub.settings.max_body_size
+        accepts = self._route_of(scope["method"], path)
+        if accepts is None:
+            if management(path):
+                await out.fail(send, 403, "forbidden", f"{path} manages the LLM's models: not available here.")
+            else:
+                await out.fail(send, 404, "not_found", f"{scope['method']} {path}: not found.")
+            return None
+        settings = hub.settings
         declared = header(scope, b"content-length")
         try:
-            too_big = declared is not None and int(declared) > limit
+            if declared is not None and int(declared) > settings.max_body_size:
+                raise BodyRefused(413, "request_too_large", f"Request body over {settings.max_body_size} bytes.")
+            await read_held(receive, held, limit=settings.max_body_size, timeout=settings.body_timeout)
         except ValueError:
             await out.fail(send, 400, "invalid_request", "Content-Length is not a number.")
             return None
-        try:
-            body = None if too_big else await read_body(receive, limit)
+        except BodyRefused as exc:
+            retry = [(b"retry-after", b"1")] if exc.status == 503 else []
+            await out.fail(send, exc.status, exc.code, str(exc), retry)
+            return None
         except ClientGone:
             out.result = "user_gone"
             return None
-        if body is None:
-            await out.fail(send, 413, "request_too_large", f"Request body over {limit} bytes.")
-            return None
-        out.request_bytes = len(body)
+        out.request_bytes = held.size
         with contextlib.suppress(msgspec.MsgspecError):
-            out.model = _decode_body(body).model
+            out.model = _decode_body(held.data).model
         if not out.model:
             await out.fail(send, 400, "invalid_request", "The body must be a JSON object with a 'model' string.")
             return None
-        return body
+        return accepts
 
-    async def _forward(self, scope: Scope, send: Send, body: bytes, out: "_Outcome") -> None:
+    def _route_of(self, method: str, path: str) -> "Accepts | None":
+        """The connectors a forwarded route may go to (None: not forwarded at all)."""
+        if method != "POST":
+            return None
+        if path in JSON_MODEL_ROUTES or path in self.hub.settings.allowed_paths:
+            return _anyone
+        if any(path in spec.allowed_paths for spec in self.hub.settings.connectors):
+            return lambda session: path in session.spec.allowed_paths
+        return None
+
+    async def _forward(
+        self, scope: Scope, send: Send, path: str, body: bytes, accepts: "Accepts", out: "_Outcome"
+    ) -> None:
         hub, settings = self.hub, self.hub.settings
         try:
-            session = (await hub.route(out.model)).connector
+            session = await hub.route(out.model, accepts)
         except RouteError as exc:
             await _send_route_error(send, exc, out)
             return
         out.routed = True
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"] if k not in _HOP_REQUEST]
+        headers = _forwarded_headers(scope["headers"])
         headers.append(("x-request-id", out.request_id))
         query = scope.get("query_string", b"").decode("latin-1")
-        # The path as the user sent it, still percent-encoded: forwarded unchanged.
-        raw_path = scope.get("raw_path") or scope["path"].encode("latin-1")
-        path = raw_path.split(b"?", 1)[0].decode("latin-1")
         try:
             async with asyncio.timeout(settings.total_timeout):
                 for attempt in (1, 2):
@@ -144,7 +150,7 @@ class Relay:
                         return
                     # Lost before the head: nothing reached the user, so one retry elsewhere is safe.
                     retry = attempt == 1 and _retryable(failure.event)
-                    alternate = hub.alternate(out.model, session) if retry else None
+                    alternate = hub.alternate(out.model, session, accepts) if retry else None
                     if alternate is None:
                         await _fail_before_head(send, failure.event, out)
                         return
@@ -184,12 +190,13 @@ class _Outcome:
     """What happened to one user request, for its reply, its log line and its metrics."""
 
     __slots__ = (
-        "bytes", "connector", "ended", "exchange", "gone", "head_sent", "model", "request_bytes", "request_id",
-        "result", "routed", "started", "status", "ttfb",
+        "bytes", "connector", "ended", "exchange", "family", "gone", "head_sent", "model", "request_bytes",
+        "request_id", "result", "routed", "started", "status", "ttfb",
     )  # fmt: skip
 
-    def __init__(self, request_id: str) -> None:
+    def __init__(self, request_id: str, family: Family) -> None:
         self.request_id = request_id
+        self.family = family
         self.started = time.perf_counter()
         self.model = ""
         self.routed = False
@@ -208,7 +215,8 @@ class _Outcome:
         self.status = status
         if self.result == "ok":
             self.result = code
-        await send_error(send, status, code, message, [(b"x-request-id", self.request_id.encode()), *headers])
+        headers = [(b"x-request-id", self.request_id.encode()), *headers]
+        await send_error(send, status, code, message, headers, self.family)
 
 
 class _BeforeHead(NamedTuple):
@@ -225,9 +233,12 @@ async def _respond(exchange: Exchange, send: Send, settings: Settings, out: _Out
         out.ended = isinstance(event, End)
         out.result = _describe(event)
         return _BeforeHead(event)
+    headers = _response_headers(event)
+    if headers is None:  # never relayed: a bad head could break the user's whole connection
+        out.result = "invalid_head"
+        return _BeforeHead(event)
     out.ttfb = time.perf_counter() - out.started
     out.status = event.status
-    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in event.headers if k.lower() not in _HOP_RESPONSE]
     overhead = b"%.2f" % max(0.0, out.ttfb * 1000 - event.llm_ms)
     headers += [*_NO_BUFFERING, (b"x-remotellm-overhead-ms", overhead), (b"x-request-id", out.request_id.encode())]
     await send({"type": "http.response.start", "status": event.status, "headers": headers})
@@ -273,6 +284,43 @@ async def _respond(exchange: Exchange, send: Send, settings: Settings, out: _Out
             return None
 
 
+Accepts = Callable[[Session], bool]
+
+
+def _anyone(session: Session) -> bool:
+    return True
+
+
+def _raw_path(scope: Scope) -> str:
+    """The path as the user sent it, still percent-encoded: what is checked is what is forwarded."""
+    raw: bytes = scope.get("raw_path") or scope["path"].encode("latin-1")
+    return raw.split(b"?", 1)[0].decode("latin-1")
+
+
+def _forwarded_headers(raw: Headers) -> list[tuple[str, str]]:
+    """The user's headers that may reach the LLM (wire.headers has the policy)."""
+    headers = []
+    for key, value in raw:
+        name = key.decode("latin-1").lower()
+        if forwardable_request_header(name) and name != "x-request-id":  # the broker sets its own
+            headers.append((name, value.decode("latin-1")))
+    return headers
+
+
+def _response_headers(head: Head) -> list[tuple[bytes, bytes]] | None:
+    """The LLM's response head as the user gets it; None if it is not valid HTTP."""
+    if not valid_status(head.status):
+        return None
+    headers = []
+    for key, value in head.headers:
+        name, value = key.lower(), value.strip(" \t")
+        if not valid_header(name, value):
+            return None
+        if forwardable_response_header(name) and name not in _SET_BY_BROKER:
+            headers.append((name.encode("latin-1"), value.encode("latin-1")))
+    return headers
+
+
 def _retryable(event: ReplyEvent | None) -> bool:
     if isinstance(event, Interrupt):
         return event.reason == "connector_lost"
@@ -286,7 +334,9 @@ async def _fail_before_head(send: Send, event: ReplyEvent | None, out: _Outcome)
     if event is None:
         await out.fail(send, 504, "timeout", "The LLM did not start answering in time.")
         return
-    if isinstance(event, End) and event.error in _END_ERRORS:
+    if isinstance(event, Head):
+        message = "The LLM's response head is not valid HTTP."
+    elif isinstance(event, End) and event.error in _END_ERRORS:
         message = _END_ERRORS[event.error]
     else:
         message = "The connector serving this model went away."

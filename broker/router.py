@@ -5,7 +5,8 @@ once any connector's allowlist names it or any connector has served it; that is 
 separates "no such model" (404) from "no connector for it at the moment" (503).
 """
 
-from typing import Generic, NamedTuple, Protocol, TypeVar
+from collections.abc import Callable
+from typing import Generic, Protocol, TypeVar
 
 
 class Endpoint(Protocol):
@@ -13,8 +14,6 @@ class Endpoint(Protocol):
     def in_flight(self) -> int: ...
     @property
     def max_concurrent(self) -> int: ...
-    @property
-    def llm_api_key(self) -> str | None: ...
 
 
 E = TypeVar("E", bound=Endpoint)
@@ -38,16 +37,6 @@ class ModelUnavailable(RouteError):
 class AtCapacity(RouteError):
     status = 429
     code = "capacity_exceeded"
-
-
-class Route(NamedTuple, Generic[E]):
-    """(connector, llm_api_key): where the request goes and the key it presents there."""
-
-    connector: E
-    llm_api_key: str | None
-
-    def __repr__(self) -> str:  # the key stays out of logs and tracebacks
-        return f"Route(connector={self.connector!r})"
 
 
 class ModelRouter(Generic[E]):
@@ -85,10 +74,13 @@ class ModelRouter(Generic[E]):
     def models_of(self, connector: E) -> frozenset[str]:
         return self._models_of.get(connector, frozenset())
 
-    def get_route(self, model: str, exclude: E | None = None) -> Route[E]:
-        """The least busy live connector for the model that still has a free slot."""
+    def get_route(self, model: str, exclude: E | None = None, accepts: Callable[[E], bool] | None = None) -> E:
+        """The least busy live connector for the model that still has a free slot (and that
+        ``accepts`` the request, when given)."""
         serving = self._serving.get(model)
-        candidates = [c for c in serving if c is not exclude] if serving and exclude is not None else serving
+        candidates = serving
+        if serving and (exclude is not None or accepts is not None):
+            candidates = [c for c in serving if c is not exclude and (accepts is None or accepts(c))]
         if not candidates:
             raise (ModelUnavailable if model in self._known else ModelNotFound)(model)
         assert serving is not None
@@ -98,7 +90,7 @@ class ModelRouter(Generic[E]):
         if len(serving) > 1:  # ties go round-robin: the chosen one moves to the back
             serving.remove(best)
             serving.append(best)
-        return Route(best, best.llm_api_key)
+        return best
 
 
 def _load(connector: Endpoint) -> float:

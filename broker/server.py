@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from broker import h2_patches, logs, tunnel_api
 from broker.asgi import DrainBody, Receive, Scope, Send
+from broker.edge import CanonicalTarget
 from broker.errors import error_body
 from broker.hub import Hub
 from broker.metrics import CONTENT_TYPE
@@ -67,20 +68,24 @@ async def metrics(request: Request) -> Response:
     return Response(_hub(request).metrics.render(), media_type=CONTENT_TYPE)
 
 
+def _user(request: Request) -> bool:
+    return _hub(request).user_allowed(request.headers.get("authorization"), request.headers.get("x-api-key"))
+
+
 def _model_object(model: str) -> dict[str, object]:
     return {"id": model, "object": "model", "created": 0, "owned_by": "remotellm"}
 
 
 async def list_models(request: Request) -> Response:
     hub = _hub(request)
-    if not hub.user_allowed(request.headers.get("authorization")):
+    if not _user(request):
         return _error(401, "invalid_api_key", "Incorrect or missing API key.")
     return JSONResponse({"object": "list", "data": [_model_object(m) for m in hub.router.models()]})
 
 
 async def get_model(request: Request) -> Response:
     hub = _hub(request)
-    if not hub.user_allowed(request.headers.get("authorization")):
+    if not _user(request):
         return _error(401, "invalid_api_key", "Incorrect or missing API key.")
     model = request.path_params["model"]
     if model not in hub.router.models():
@@ -112,21 +117,25 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
             loop.remove_signal_handler(signal.SIGHUP)
         hub.close()
 
+    relay = Relay(hub)
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
-        Route("/v1/{path:path}", Relay(hub), methods=["POST"]),
+        # Every other method and path is the relay's to accept (the forwarded API) or refuse.
+        Route("/v1/{path:path}", relay, methods=None),
+        Route("/api/{path:path}", relay, methods=None),
         Route(REGISTER_PATH, _TunnelEndpoint(hub, tunnel_api.register), methods=["POST"]),
         Route(POLL_PATH, _TunnelEndpoint(hub, tunnel_api.poll), methods=["GET"]),
         Route(REPLY_PATH, _TunnelEndpoint(hub, tunnel_api.reply), methods=["POST"]),
     ]
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(DrainBody)],
+        middleware=[Middleware(DrainBody), Middleware(CanonicalTarget)],
         exception_handlers={404: _http_error, 405: _http_error},
         lifespan=lifespan,
     )
+    app.router.redirect_slashes = False  # a redirect would send clients to a path nobody forwards
     app.state.hub = hub
     return app

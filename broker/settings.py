@@ -13,6 +13,10 @@ from argparse_dataclass import ArgumentParser
 
 from broker.config import SETTINGS, ConfigError, ConnectorSpec, load_file
 from broker.keys import parse_secret
+from wire import MAX_FRAME_SIZE
+
+# Room in a request frame for everything but the body: method, path, headers.
+FRAME_HEADROOM = 1024 * 1024
 
 LogFormat = Literal["plain", "json"]
 
@@ -51,6 +55,12 @@ class BrokerArgs:
         default=None, metadata={"type": float, "help": "seconds a request waits for a free slot (2)"}
     )
     max_body_size: int | None = field(default=None, metadata={"type": int, "help": "request body limit in bytes"})
+    body_timeout: float | None = field(
+        default=None, metadata={"type": float, "help": "seconds a request body may take to arrive (60)"}
+    )
+    body_memory_limit: int | None = field(
+        default=None, metadata={"type": int, "help": "request-body bytes held at once, all users together"}
+    )
     log_format: str | None = field(
         default=None, metadata={"type": str, "choices": ["plain", "json"], "help": "request log format"}
     )
@@ -83,6 +93,10 @@ class Settings:
     total_timeout: float = 3600.0
     log_format: LogFormat = "plain"
     max_body_size: int = 16 * 1024 * 1024
+    body_timeout: float = 60.0  # a request body must arrive within this, else 408
+    body_memory_limit: int = 256 * 1024 * 1024  # past it, new requests get 503 (never an OOM)
+    allowed_paths: frozenset[str] = frozenset()  # extra POST paths any connector may be sent
+    warnings: tuple[str, ...] = ()
     queue_timeout: float = 2.0  # how long a request may wait for a free slot before 429
     ping_interval: float = 15.0  # also the connector's heartbeat; silence for 3 of them = dead
     poll_lifetime: float = 300.0  # each poll ends after this long; the connector polls again
@@ -106,6 +120,7 @@ def resolve(args: BrokerArgs | None, env: Mapping[str, str]) -> Settings:
                 raise ConfigError(f"{name} ({source}) {exc}: {value!r}") from None
     if bool(values.get("certfile")) != bool(values.get("keyfile")):
         raise ConfigError("certfile and keyfile go together")
+    _check_body_limits(values)
 
     plain_keys = list(args.user_api_key or [])
     plain_keys += [k.strip() for k in env.get("REMOTELLM_USER_API_KEYS", "").split(",") if k.strip()]
@@ -115,9 +130,22 @@ def resolve(args: BrokerArgs | None, env: Mapping[str, str]) -> Settings:
         raise ConfigError(f"user API key: {exc}") from None
     if file:
         digests += file.user_key_digests
+        if any(spec.token_digest in digests for spec in file.connectors):
+            raise ConfigError("a user API key is also a connector token: give each its own secret")
     return Settings(
         **values,
         user_key_digests=tuple(dict.fromkeys(digests)),
         connectors=file.connectors if file else (),
         connector_config=config_path,
+        allowed_paths=file.allowed_paths if file else frozenset(),
+        warnings=file.warnings if file else (),
     )
+
+
+def _check_body_limits(values: dict[str, Any]) -> None:
+    """A body must fit one request frame, and one body must fit the memory allowed for all."""
+    size = values.get("max_body_size", Settings.max_body_size)
+    if size > MAX_FRAME_SIZE - FRAME_HEADROOM:
+        raise ConfigError(f"max_body_size may be at most {MAX_FRAME_SIZE - FRAME_HEADROOM} (a tunnel frame's limit)")
+    if size > values.get("body_memory_limit", Settings.body_memory_limit):
+        raise ConfigError("max_body_size may not exceed body_memory_limit")

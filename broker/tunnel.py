@@ -56,6 +56,7 @@ class Session:
         self.spec = spec
         self.hello = hello
         self.offered: frozenset[str] = frozenset()  # what the connector can serve
+        self.refused: frozenset[str] = frozenset()  # what it offered but may not serve
         self.protocol = "?"
         self.connected_at = time.time()
         self.in_flight = 0
@@ -74,10 +75,6 @@ class Session:
     @property
     def max_concurrent(self) -> int:
         return self.spec.max_concurrent
-
-    @property
-    def llm_api_key(self) -> str | None:
-        return self.spec.llm_api_key
 
     @property
     def name(self) -> str:

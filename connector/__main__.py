@@ -9,10 +9,13 @@ import signal
 import sys
 from collections.abc import Callable
 
+import httpx
+
 from connector.health import serve_health
 from connector.llm import LLMClient
 from connector.settings import SettingsError, parse_cli, resolve
 from connector.tunnel import Status, Tunnel
+from wire.endpoints import loopback
 
 log = logging.getLogger("remotellm.connector")
 
@@ -23,6 +26,7 @@ async def run(argv: list[str]) -> int:
     except SettingsError as exc:
         print(f"python -m connector: {exc}", file=sys.stderr)
         return 2
+    _warn_cleartext(settings.broker_url)
     status = Status(models=list(settings.models))
     llm = LLMClient(settings.llm_url)
     health = (
@@ -57,6 +61,13 @@ async def run(argv: list[str]) -> int:
             health.close()
         await llm.aclose()
     return 0
+
+
+def _warn_cleartext(broker_url: str) -> None:
+    url = httpx.URL(broker_url)
+    if url.scheme == "http" and not loopback(url.host):
+        log.warning("the broker URL is http:// to another machine: the token and every request cross "
+                    "the network in clear text; use https://")  # fmt: skip
 
 
 def _fastest_loop() -> Callable[[], asyncio.AbstractEventLoop] | None:

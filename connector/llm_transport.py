@@ -17,13 +17,13 @@ CONNECT_TIMEOUT = 10.0
 MAX_IDLE = 64
 READ_SIZE = 65536
 
-_Origin = tuple[str, str, int]
+Origin = tuple[str, str, int]  # scheme, host, port: fixed by --llm-url, never by a request
 
 
 class _Connection:
     __slots__ = ("h11", "origin", "reader", "reused", "writer")
 
-    def __init__(self, origin: _Origin, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, origin: Origin, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.origin = origin
         self.reader = reader
         self.writer = writer
@@ -49,20 +49,23 @@ def _serialize(conn: h11.Connection, head: h11.Request, body: bytes) -> bytes:
     return b"".join(part for part in parts if part)
 
 
-class LLMTransport(httpx.AsyncBaseTransport):
+class LLMTransport:
     def __init__(self) -> None:
-        self._idle: dict[_Origin, list[_Connection]] = {}
+        self._idle: dict[Origin, list[_Connection]] = {}
         self._ssl = ssl.create_default_context()
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        url = request.url
-        origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
-        data = await request.aread()
-        head = h11.Request(
-            method=request.method,
-            target=request.url.raw_path,
-            headers=[*request.headers.raw, *([(b"content-length", b"%d" % len(data))] if data else [])],
-        )
+    async def send(
+        self, origin: Origin, method: str, target: bytes, headers: list[tuple[bytes, bytes]], data: bytes
+    ) -> httpx.Response:
+        """One request to ``origin``; its response with the body still to be read."""
+        try:
+            head = h11.Request(
+                method=method,
+                target=target,
+                headers=[*headers, *([(b"content-length", b"%d" % len(data))] if data else [])],
+            )
+        except h11.LocalProtocolError:
+            raise httpx.LocalProtocolError("the request is not valid HTTP/1.1") from None
         while True:
             conn = await self._connection(origin)
             try:
@@ -73,22 +76,22 @@ class LLMTransport(httpx.AsyncBaseTransport):
                 conn.close()
                 if conn.reused:  # the server closed an idle connection under us: once more, fresh
                     continue
-                raise httpx.RemoteProtocolError(str(exc) or type(exc).__name__, request=request) from exc
+                # The type alone: h11's messages may quote header values, and they carry the LLM key.
+                raise httpx.RemoteProtocolError(type(exc).__name__) from exc
             except BaseException:  # cancelled: closing the connection is what tells the LLM to stop
                 conn.close()
                 raise
         if not isinstance(response, h11.Response):
             conn.close()
-            raise httpx.RemoteProtocolError("no response", request=request)
+            raise httpx.RemoteProtocolError("no response")
         return httpx.Response(
             response.status_code,
             headers=response.headers.raw_items(),
             stream=_Body(self, conn),
             extensions={"http_version": b"HTTP/1.1"},
-            request=request,
         )
 
-    async def _connection(self, origin: _Origin) -> _Connection:
+    async def _connection(self, origin: Origin) -> _Connection:
         idle = self._idle.get(origin)
         if idle:
             conn = idle.pop()
@@ -142,7 +145,7 @@ class _Body(httpx.AsyncByteStream):
                 elif isinstance(event, h11.ConnectionClosed):
                     raise httpx.RemoteProtocolError("the LLM closed the connection mid-response")
         except (OSError, h11.ProtocolError) as exc:
-            raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
+            raise httpx.ReadError(type(exc).__name__) from exc
 
     async def aclose(self) -> None:
         if self._done:

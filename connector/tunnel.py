@@ -16,7 +16,7 @@ import httpx
 
 from connector import __version__
 from connector.links import make_client, speaks_h2c
-from connector.llm import LLMClient
+from connector.llm import Forbidden, LLMClient
 from connector.settings import Settings
 from connector.uplink import Uplink, UplinkError
 from wire import (
@@ -395,6 +395,8 @@ class _Session:
                 async for data in response.aiter_raw():
                     await window.spend(len(data))
                     send(encode(Chunk(request.id, data)))
+        except Forbidden as exc:
+            error, detail = "forbidden", str(exc)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             error, detail = "llm_unreachable", type(exc).__name__
         except httpx.HTTPError as exc:

@@ -172,7 +172,7 @@ def test_load_missing_file(tmp_path: Path) -> None:
         ("connectors:\n  - token: a\n    max_concurrent: true\n", 2, "max_concurrent must be a positive integer"),
         ("connectors:\n  - token: a\n    max_concurrent: '4'\n", 2, "max_concurrent must be a positive integer"),
         ("connectors:\n  - token: a\n    name: ''\n", 2, "name must be a non-empty string"),
-        ("connectors:\n  - token: a\n    llm_api_key: ''\n", 2, "llm_api_key must be a non-empty string"),
+        ("connectors:\n  - token: a\n    llm_api_key: ''\n", 2, "llm_api_key: a secret may not be empty"),
         ("connectors:\n  - token: 12345\n", 2, "token must be a string"),
         ("connectors:\n  - token: ''\n", 2, "may not be empty"),
         ("port: 1\nhost: x\nidle_timeout: 1: 2\n", 3, "not valid YAML"),
@@ -558,3 +558,67 @@ def test_connector_settings_repr_hides_token() -> None:
     assert "ct-very-secret" not in str(settings)
     assert "ct-very-secret" not in f"{settings!r} {[settings]}"
     assert "https://broker.example:8443" in repr(settings)
+
+
+# --- the trust boundary at load time ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("user_api_keys:\n  - ' sk-edge'\n", 2),
+        ('user_api_keys:\n  - sk-ok\n  - "sk-tab\\t"\n', 3),
+        ("connectors:\n  - token: 'ct with space'\n", 2),
+        ('connectors:\n  - token: ct-1\n    llm_api_key: "sk-llm\\n"\n', 2),
+        ("connectors:\n  - token: ct-1\n    llm_api_key: sk-llm-é\n", 2),
+    ],
+)
+def test_secrets_must_be_visible_ascii_without_whitespace(text: str, line: int) -> None:
+    message = config_error(text)
+    assert message.startswith(f"conn.yaml:{line}:"), message
+    assert "visible ASCII" in message
+    assert "sk-edge" not in message and "sk-llm" not in message and "ct with" not in message
+
+
+def test_a_user_key_may_not_be_a_connector_token(tmp_path: Path) -> None:
+    assert "also a user key" in config_error("user_api_keys: [shared-1]\nconnectors:\n  - token: shared-1\n")
+    path = tmp_path / "c.yaml"
+    path.write_text("connectors:\n  - token: shared-2\n")
+    with pytest.raises(ConfigError, match="also a connector token"):
+        resolve(BrokerArgs(connector_config=str(path), user_api_key=["shared-2"]), {})
+
+
+@pytest.mark.parametrize(
+    "path", ["v1/x", "/v1/../api/create", "/v1//x", "/v1/%2e%2e/x", "/v1/a%2Fb", "/api/pull", "/api/blobs/x"]
+)
+def test_allowed_paths_must_be_canonical_and_not_management(path: str) -> None:
+    assert "allowed_paths" in config_error(f"allowed_paths: ['{path}']\n")
+    assert "allowed_paths" in config_error(f"connectors:\n  - token: t\n    allowed_paths: ['{path}']\n")
+
+
+def test_allowed_paths_top_level_and_per_connector() -> None:
+    config = parse("allowed_paths: [/v1/a]\nconnectors:\n  - token: t\n    models: [m]\n    allowed_paths: [/v1/b]\n")
+    assert config.allowed_paths == {"/v1/a"}
+    assert config.connectors[0].allowed_paths == {"/v1/b"}
+    assert config.warnings == ()
+
+
+def test_a_token_without_models_is_warned_about_with_its_line(tmp_path: Path) -> None:
+    config = parse("connectors:\n  - token: t1\n    models: [m]\n  - name: open\n    token: t2\n", "c.yaml")
+    assert len(config.warnings) == 1
+    assert config.warnings[0].startswith("c.yaml:4: connector 'open' has no models")
+    path = tmp_path / "c.yaml"
+    path.write_text("connectors:\n  - name: open\n    token: t2\n")
+    done = subprocess.run([sys.executable, "-m", "broker", "check-config", str(path)], capture_output=True, text=True)
+    assert done.returncode == 0
+    assert "warning:" in done.stderr and "'open' has no models" in done.stderr
+
+
+def test_body_limits_checked_against_the_frame_and_memory_limits() -> None:
+    with pytest.raises(ConfigError, match="frame"):
+        resolve(None, {"REMOTELLM_MAX_BODY_SIZE": str(64 * 1024 * 1024)})
+    with pytest.raises(ConfigError, match="body_memory_limit"):
+        resolve(None, {"REMOTELLM_MAX_BODY_SIZE": "2000", "REMOTELLM_BODY_MEMORY_LIMIT": "1000"})
+    settings = resolve(None, {"REMOTELLM_BODY_TIMEOUT": "5", "REMOTELLM_BODY_MEMORY_LIMIT": "99999999"})
+    assert settings.body_timeout == 5.0 and settings.body_memory_limit == 99999999
+    assert Settings().body_timeout == 60.0

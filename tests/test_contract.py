@@ -36,6 +36,7 @@ connectors:
   - name: alpha
     token: tok-alpha
     llm_api_key: {LLM_KEYS["alpha"]}
+    models: [alpha-model, shared]
   - name: beta
     token: {sha256("tok-beta")}
     llm_api_key: {LLM_KEYS["beta"]}

@@ -28,7 +28,10 @@ MACOS = DEPLOY / "install-macos.sh"
 COMMON = DEPLOY / "install-common.sh"  # sourced by both
 ROLES = ("broker", "connector")
 # The broker settings the contract lets connectors.yaml carry by their long names.
-CONTRACT_SETTINGS = {"host", "port", "certfile", "keyfile", "first_byte_timeout", "idle_timeout", "log_format"}
+CONTRACT_SETTINGS = {
+    "host", "port", "certfile", "keyfile", "first_byte_timeout", "idle_timeout", "log_format", "body_timeout",
+    "body_memory_limit",
+}  # fmt: skip
 
 VENV_PYTHON = "/opt/remotellm/venv/bin/python"  # what the units run, relative to the root
 MAC_APP = "Library/Application Support/remotellm"  # what install-macos.sh lays out under HOME
@@ -169,7 +172,7 @@ def test_example_config_shows_every_key() -> None:
     assert re.search(r"^\s*token: sha256:[0-9a-f]{64}", text, re.M), "a token in sha256: form"
     assert "default 8" in text
     # The broker settings are there by long name, commented out.
-    assert set(re.findall(r"^#(\w+):", text, re.M)) == CONTRACT_SETTINGS
+    assert set(re.findall(r"^#(\w+):", text, re.M)) == CONTRACT_SETTINGS | {"allowed_paths"}
 
 
 def test_example_config_settings_parse_when_uncommented(tmp_path: Path) -> None:

@@ -57,6 +57,7 @@ from wire import (
     encode,
     encode_many,
 )
+from wire.headers import valid_header, valid_status
 
 USER = {"authorization": "Bearer sk-user"}
 FUZZ_TOKEN = "tok-fuzz"
@@ -436,12 +437,18 @@ class Step:
         return encode(self.frame)
 
 
+# Mostly valid heads; some with a status or a header no user may be sent (a 502 instead),
+# and some with headers that are valid but never relayed (set-cookie, alt-svc).
 heads = st.builds(
     Head,
     id=st.just(OURS),
-    status=st.sampled_from([200, 201, 400, 404, 418, 500, 502]),
+    status=st.sampled_from([200, 201, 400, 404, 418, 500, 502]) | st.sampled_from([-1, 99, 101, 600, 999]),
     headers=st.lists(
-        st.tuples(st.sampled_from(["content-type", "x-fuzz", "x-other"]), st.text(string.ascii_letters)),
+        st.tuples(
+            st.sampled_from(["content-type", "x-fuzz", "X-Other", "set-cookie", "alt-svc"])
+            | st.sampled_from(["bad name", "x\r\ny", ":status", ""]),
+            st.text(string.ascii_letters) | st.sampled_from(["a\r\nx-injected: 1", "nul\x00", " padded "]),
+        ),
         max_size=2,
     ),
 )
@@ -501,6 +508,8 @@ def expected_outcome(steps: list[Step], truncated: bool, partial: bool) -> Expec
         return Expected("error", 502, left_open=True)  # no frame named it: nothing can end it but a later one
     if not isinstance(delivered[0], Head):
         return Expected("error", 502)  # the reply did not start with a head: the broker answers for it
+    if not _relayable(delivered[0]):
+        return Expected("error", 502)  # a head no user may be sent: the broker answers for it
     head, body = delivered[0], b""
     for frame in delivered[1:]:
         if isinstance(frame, Chunk):
@@ -510,6 +519,10 @@ def expected_outcome(steps: list[Step], truncated: bool, partial: bool) -> Expec
         else:
             return Expected("cut", head.status)  # a failed End, or a second Head
     return Expected("cut", head.status, left_open=not interrupted)
+
+
+def _relayable(head: Head) -> bool:
+    return valid_status(head.status) and all(valid_header(k.lower(), v.strip(" \t")) for k, v in head.headers)
 
 
 @given(
@@ -545,6 +558,7 @@ def test_fuzzed_replies_to_real_requests_end_cleanly(
                 "POST", fuzzed.broker.url + "/v1/chat/completions", json={"model": "fuzz-only"}, headers=USER
             ) as resp:
                 outcome["status"] = resp.status_code
+                outcome["headers"] = resp.headers
                 outcome["body"] = resp.read()
         except httpx.HTTPError as exc:
             outcome["error"] = exc
@@ -572,6 +586,8 @@ def test_fuzzed_replies_to_real_requests_end_cleanly(
             live.reply(encode(End(request.id, "internal")))
             caller.join(10)
 
+    relayed = typing.cast(httpx.Headers, outcome.get("headers", httpx.Headers()))
+    assert not {"set-cookie", "alt-svc", "x-injected"} & set(relayed.keys()), relayed
     if expected.kind == "complete":
         assert outcome.get("status") == expected.status and outcome.get("body") == expected.body, outcome
     elif expected.kind == "cut":

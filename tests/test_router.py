@@ -2,17 +2,16 @@
 
 import pytest
 
-from broker.router import AtCapacity, ModelNotFound, ModelRouter, ModelUnavailable, Route, RouteError
+from broker.router import AtCapacity, ModelNotFound, ModelRouter, ModelUnavailable, RouteError
 
 
 class FakeConnector:
     """The three attributes the router reads; identity-hashed like the real sessions."""
 
-    def __init__(self, name: str, in_flight: int = 0, max_concurrent: int = 4, llm_api_key: str | None = None):
+    def __init__(self, name: str, in_flight: int = 0, max_concurrent: int = 4):
         self.name = name
         self.in_flight = in_flight
         self.max_concurrent = max_concurrent
-        self.llm_api_key = llm_api_key
 
     def __repr__(self) -> str:
         return f"FakeConnector({self.name!r}, {self.in_flight}/{self.max_concurrent})"
@@ -28,7 +27,7 @@ def router_with(
 
 
 def picks(router: ModelRouter, model: str, n: int) -> list[str]:
-    return [router.get_route(model).connector.name for _ in range(n)]
+    return [router.get_route(model).name for _ in range(n)]
 
 
 # --- 404 vs 503 -------------------------------------------------------------------------------------
@@ -60,7 +59,7 @@ def test_allowlisted_model_without_live_connector_is_unavailable() -> None:
 def test_served_then_removed_model_stays_known() -> None:
     a = FakeConnector("a")
     router = router_with((a, {"llama3"}))
-    assert router.get_route("llama3").connector is a
+    assert router.get_route("llama3") is a
     router.remove(a)
     for _ in range(3):  # known forever, not just once
         with pytest.raises(ModelUnavailable):
@@ -79,29 +78,23 @@ def test_error_classes() -> None:
 # --- choosing a connector ---------------------------------------------------------------------------
 
 
-def test_route_carries_connector_and_its_llm_key() -> None:
-    a = FakeConnector("a", llm_api_key="sk-llm-1")
-    router = router_with((a, {"llama3"}))
-    route = router.get_route("llama3")
-    assert isinstance(route, Route)
-    assert route.connector is a
-    assert route.llm_api_key == "sk-llm-1"
-    assert tuple(route) == (a, "sk-llm-1")
-
-
-def test_route_without_llm_key() -> None:
-    a = FakeConnector("a")
-    assert router_with((a, {"m"})).get_route("m") == Route(a, None)
-
-
-def test_each_connector_routes_with_its_own_key() -> None:
-    a = FakeConnector("a", in_flight=0, llm_api_key="key-a")
-    b = FakeConnector("b", in_flight=3, llm_api_key="key-b")
+def test_route_is_the_least_busy_connector() -> None:
+    a = FakeConnector("a", in_flight=0)
+    b = FakeConnector("b", in_flight=3)
     router = router_with((a, {"m"}), (b, {"m"}))
-    assert router.get_route("m") == Route(a, "key-a")
+    assert router.get_route("m") is a
     a.in_flight = 4
     b.in_flight = 0
-    assert router.get_route("m") == Route(b, "key-b")
+    assert router.get_route("m") is b
+
+
+def test_accepts_narrows_the_candidates() -> None:
+    a = FakeConnector("a")
+    b = FakeConnector("b", in_flight=3)
+    router = router_with((a, {"m"}), (b, {"m"}))
+    assert router.get_route("m", accepts=lambda c: c is b) is b
+    with pytest.raises(ModelUnavailable):
+        router.get_route("m", accepts=lambda c: False)
 
 
 def test_least_in_flight_wins() -> None:
@@ -150,7 +143,7 @@ def test_small_connector_at_capacity_skipped_for_a_busier_big_one() -> None:
     small = FakeConnector("small", in_flight=1, max_concurrent=1)
     big = FakeConnector("big", in_flight=5, max_concurrent=16)
     router = router_with((small, {"m"}), (big, {"m"}))
-    assert router.get_route("m").connector is big
+    assert router.get_route("m") is big
 
 
 def test_all_at_capacity() -> None:
@@ -162,7 +155,7 @@ def test_all_at_capacity() -> None:
     assert info.value.status == 429
     assert "m" in str(info.value)
     b.in_flight = 4  # a slot frees up
-    assert router.get_route("m").connector is b
+    assert router.get_route("m") is b
 
 
 def test_single_connector_at_capacity() -> None:
@@ -190,7 +183,7 @@ def test_set_models_replaces_a_connectors_models() -> None:
     assert router.models() == ["y", "z"]
     assert router.models_of(a) == frozenset({"y", "z"})
     assert router.connectors() == [a]
-    assert router.get_route("z").connector is a
+    assert router.get_route("z") is a
     with pytest.raises(ModelUnavailable):  # still known: it was served
         router.get_route("x")
 

@@ -1,5 +1,7 @@
 """The HTTP face of the tunnel: the paths and headers both sides must agree on."""
 
+import ipaddress
+
 REGISTER_PATH = "/tunnel/v1/register"  # POST a Hello frame, get a Welcome frame back
 POLL_PATH = "/tunnel/v1/poll"  # GET: a streaming response of broker → connector frames
 REPLY_PATH = "/tunnel/v1/reply"  # POST: a streaming body of reply frames (the connector's uplink)
@@ -12,3 +14,13 @@ PARTIAL_HEADER = "x-remotellm-partial"
 # A poll the broker ends as soon as it has frames (for paths that buffer whole responses).
 SHORT_POLL_QUERY = "mode=short"
 FRAMES_CONTENT_TYPE = "application/x-remotellm-frames"
+
+
+def loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) stays on this machine: cleartext there is fine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -24,6 +24,7 @@ ErrorKind = Literal[
     "llm_unreachable",  # connect/DNS/TLS failure towards the LLM
     "llm_failed",  # the LLM broke the connection or the protocol mid-response
     "cancelled",  # the broker asked to cancel
+    "forbidden",  # the connector refused the request: a method, path or header outside its bounds
     "internal",  # a bug in the connector
     "refused",  # the connector would not run it: a reused request id, too many at once, draining
 ]
@@ -74,6 +75,9 @@ class Request(_Frame, tag=3):
     body: bytes
     llm_api_key: str | None = None
     more_body: bool = False
+
+    def __repr__(self) -> str:  # the LLM key and the body stay out of logs and tracebacks
+        return f"Request(id={self.id}, method={self.method!r}, path={self.path!r}, body={len(self.body)} bytes)"
 
 
 class Head(_Frame, tag=4):

@@ -1,0 +1,81 @@
+"""A user's request body: bounded in size, in time, and in memory across all users at once."""
+
+import asyncio
+
+from broker.asgi import ClientGone, Receive
+
+
+class BodyRefused(Exception):
+    """The body cannot be taken; the status, code and message say why, for the user."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class BodyBudget:
+    """Bytes of request bodies held at once by every request together.
+
+    Each body is small next to the limit, but many slow or large uploads at once would
+    otherwise add up to an out-of-memory kill; past the limit new bodies get 503.
+    """
+
+    __slots__ = ("held", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, size: int) -> bool:
+        if self.held + size > self.limit:
+            return False
+        self.held += size
+        return True
+
+    def give_back(self, size: int) -> None:
+        self.held -= size
+
+
+class HeldBody:
+    """A body read whole, holding its share of the budget until ``release`` (idempotent)."""
+
+    __slots__ = ("_budget", "data", "size")
+
+    def __init__(self, budget: BodyBudget) -> None:
+        self._budget = budget
+        self.size = 0
+        self.data = b""
+
+    def add(self, chunk: bytes) -> bool:
+        """Hold one more chunk; False (nothing held) once every body together would be too much."""
+        if not self._budget.take(len(chunk)):
+            return False
+        self.size += len(chunk)
+        return True
+
+    def release(self) -> None:
+        self._budget.give_back(self.size)
+        self.size = 0
+
+
+async def read_held(receive: Receive, held: HeldBody, *, limit: int, timeout: float) -> None:
+    """Read the whole body into ``held``; BodyRefused (413, 503, 408) or ClientGone."""
+    parts: list[bytes] = []
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientGone
+                chunk = message.get("body", b"")
+                if held.size + len(chunk) > limit:
+                    raise BodyRefused(413, "request_too_large", f"Request body over {limit} bytes.")
+                if not held.add(chunk):
+                    raise BodyRefused(503, "server_busy", "The broker holds too many request bodies; retry shortly.")
+                parts.append(chunk)
+                if not message.get("more_body", False):
+                    break
+    except TimeoutError:
+        raise BodyRefused(408, "request_timeout", f"The request body did not arrive within {timeout:g} s.") from None
+    held.data = b"".join(parts)
