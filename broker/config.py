@@ -73,6 +73,8 @@ SETTINGS: dict[str, Any] = {
     "max_body_size": _positive(int),
     "body_timeout": _positive(float),
     "body_memory_limit": _positive(int),
+    "resume_grace": _positive(float),
+    "sessions_per_token": _positive(int),
 }
 _CONNECTOR_KEYS = frozenset({"name", "token", "llm_api_key", "models", "max_concurrent", "allowed_paths"})
 _TOP_LEVEL_KEYS = frozenset({"user_api_keys", "connectors", "allowed_paths"})

@@ -13,7 +13,7 @@ from argparse_dataclass import ArgumentParser
 
 from broker.config import SETTINGS, ConfigError, ConnectorSpec, load_file
 from broker.keys import parse_secret
-from wire import MAX_FRAME_SIZE
+from wire import DEFAULT_LIMITS, MAX_FRAME_SIZE, Limits
 
 # Room in a request frame for everything but the body: method, path, headers.
 FRAME_HEADROOM = 1024 * 1024
@@ -64,6 +64,12 @@ class BrokerArgs:
     log_format: str | None = field(
         default=None, metadata={"type": str, "choices": ["plain", "json"], "help": "request log format"}
     )
+    resume_grace: float | None = field(
+        default=None, metadata={"type": float, "help": "seconds a connector may take to resume its session (30)"}
+    )
+    sessions_per_token: int | None = field(
+        default=None, metadata={"type": int, "help": "sessions one connector token may hold at once (16)"}
+    )
 
 
 _REPEATABLE = ("user_api_key",)
@@ -97,7 +103,10 @@ class Settings:
     body_memory_limit: int = 256 * 1024 * 1024  # past it, new requests get 503 (never an OOM)
     allowed_paths: frozenset[str] = frozenset()  # extra POST paths any connector may be sent
     warnings: tuple[str, ...] = ()
+    resume_grace: float = 30.0  # a connector that lost its connections may resume within this
+    sessions_per_token: int = 16  # more registrations on one token are refused (a stolen token's flood)
     queue_timeout: float = 2.0  # how long a request may wait for a free slot before 429
+    limits: Limits = DEFAULT_LIMITS  # what one session may hold (wire.limits)
     ping_interval: float = 15.0  # also the connector's heartbeat; silence for 3 of them = dead
     poll_lifetime: float = 300.0  # each poll ends after this long; the connector polls again
     model_refresh: float = 60.0  # how often a connector's LLM is asked for its models again

@@ -1,26 +1,28 @@
-"""A connector's session on the broker: its outbound frames and its requests in flight.
+"""A connector's session on the broker: the I/O around its BrokerConnection state machine.
 
-The poll endpoint drains ``Session.outbox``; reply endpoints feed ``Session.deliver``;
-the relay waits on each ``Exchange``'s event queue. All three meet only here.
+The poll endpoint writes what ``next_write`` returns; uplink endpoints feed ``receive``;
+each relay waits on its ``Exchange``'s event queue. The protocol's rules live in
+wire.protocol; this class only moves bytes and wakes the tasks that wait for them.
 """
 
 import asyncio
-import itertools
+import logging
 import secrets
 import time
 from typing import Literal
 
 from broker.config import ConnectorSpec
-from wire import INITIAL_CREDIT, Cancel, Chunk, End, Frame, Head, Hello, Ping, Request
+from wire import BrokerConnection, Chunk, Drain, End, Frame, Head, Hello, Inbound, Limits, Pong, ProtocolError
 from wire.frames import Headers
 
-_request_ids = itertools.count(1)
+log = logging.getLogger("remotellm.tunnel")
 
-Interruption = Literal["connector_lost", "user_gone", "credit_overrun"]
-
-# Reply bytes a connector may have sent beyond what the user read before the broker
-# gives up on it: its credit, and as much again for frames already on the way.
-MAX_AHEAD = 2 * INITIAL_CREDIT
+Interruption = Literal["connector_lost", "user_gone", "protocol_error"]
+# Frames that arrive while the poll writer has nothing of its own to send are acknowledged
+# this much later, so that an acknowledgement rides along with a frame when it can.
+ACK_DELAY = 0.02
+# Largest write on the poll: frames beyond it wait for the next one (hypercorn copies).
+MAX_WRITE = 256 * 1024
 
 
 class Interrupt:
@@ -38,40 +40,45 @@ ReplyEvent = Head | Chunk | End | Interrupt
 class Exchange:
     """One request in flight on one connector."""
 
-    __slots__ = ("buffered", "events", "id", "session")
+    __slots__ = ("events", "id", "session")
 
-    def __init__(self, session: "Session") -> None:
-        self.id = next(_request_ids)
+    def __init__(self, session: "Session", request_id: int) -> None:
+        self.id = request_id
         self.session = session
         self.events: asyncio.Queue[ReplyEvent] = asyncio.Queue()
-        self.buffered = 0  # body bytes received, not yet sent to the user
+
+    def consumed(self, size: int) -> None:
+        """The user took ``size`` bytes of the reply: the one way credit goes back."""
+        self.session.consumed(self.id, size)
 
 
 class Session:
-    """A registered connector instance, from register until it is lost, reaped, revoked,
-    replaced by its own re-registration, or leaves."""
+    """A registered connector instance: from register until it leaves, is revoked, replaced,
+    or stays away longer than the resume grace. Its polls and uplinks may come and go."""
 
-    def __init__(self, spec: ConnectorSpec, hello: Hello) -> None:
-        self.id = secrets.token_urlsafe(18)
+    def __init__(self, spec: ConnectorSpec, hello: Hello, limits: Limits) -> None:
+        self.credential = secrets.token_urlsafe(32)  # the resume credential: never logged
         self.spec = spec
         self.hello = hello
         self.offered: frozenset[str] = frozenset()  # what the connector can serve
         self.refused: frozenset[str] = frozenset()  # what it offered but may not serve
         self.protocol = "?"
         self.connected_at = time.time()
-        self.in_flight = 0
+        self.conn = BrokerConnection(limits)
         self.exchanges: dict[int, Exchange] = {}
         self.poll_generation = 0
         self.polling = False
-        self.unpolled_since = time.monotonic()
-        self.last_seen = time.monotonic()  # any sign of life: a poll, a reply, a heartbeat
-        self.leaving = False  # the connector said goodbye: no new requests
-        self.last_pong = 0.0
+        self.detached_since = time.monotonic()  # no poll since then
+        self.last_seen = time.monotonic()  # any sign of life: a poll, an uplink byte
+        self.leaving = False  # the connector or the broker said goodbye: no new requests
         self.closed = False
-        self._outbox: list[Frame] = []
         self._wake = asyncio.Event()
 
     # Endpoint protocol of the router
+    @property
+    def in_flight(self) -> int:
+        return len(self.exchanges)
+
     @property
     def max_concurrent(self) -> int:
         return self.spec.max_concurrent
@@ -80,18 +87,64 @@ class Session:
     def name(self) -> str:
         return self.spec.name
 
-    def send(self, frame: Frame) -> None:
-        self._outbox.append(frame)
+    # --- what the session is ------------------------------------------------
+
+    def renew(self, spec: ConnectorSpec) -> None:
+        """The token's entry after a reload (its key, allowlist or limits may have changed)."""
+        self.spec = spec
+
+    def offer(self, models: frozenset[str]) -> None:
+        """What the connector can serve (from its Hello, or listed from its LLM)."""
+        self.offered = models
+
+    def refuse(self, models: frozenset[str]) -> bool:
+        """Offered models it may not serve; True when that set changed (worth a log line)."""
+        changed = models != self.refused
+        self.refused = models
+        return changed
+
+    def leave(self) -> None:
+        """Route nothing new here: the connector or this broker is leaving."""
+        self.leaving = True
+
+    # --- requests -----------------------------------------------------------
+
+    def open(self, method: str, path: str, query: str, headers: Headers, body: bytes) -> Exchange:
+        """Send a request to the connector, with this connector's LLM key."""
+        request_id = self.conn.open(method, path, query, headers, body, self.spec.llm_api_key)
+        exchange = self.exchanges[request_id] = Exchange(self, request_id)
+        self._wake.set()
+        return exchange
+
+    def finish(self, exchange: Exchange, *, cancel: bool) -> None:
+        if self.exchanges.pop(exchange.id, None) is not None and cancel and not self.closed:
+            self.conn.cancel(exchange.id)
+            self._wake.set()
+
+    def consumed(self, request_id: int, size: int) -> None:
+        unacked = self.conn.unacked
+        self.conn.consumed(request_id, size)
+        if self.conn.unacked != unacked:
+            self._wake.set()
+
+    def models(self, models: list[str]) -> None:
+        self.conn.models(models)
         self._wake.set()
 
-    def ping(self) -> Ping:
-        return Ping(time.time(), self.last_pong)
+    def drain(self, reason: str) -> None:
+        """This broker is leaving: no new requests; the connector is told to go elsewhere."""
+        self.leave()
+        self.conn.drain(reason)
+        self._wake.set()
 
-    def touch(self) -> None:
-        self.last_seen = time.monotonic()
+    # --- the poll -------------------------------------------------------------
 
-    def attach_poll(self) -> int:
-        """A new poll takes over; the previous one (if any) ends after its current write."""
+    def attach_poll(self, received: int, protocol: str) -> int:
+        """A new poll takes over, saying how many frames the connector has; everything
+        after those goes out again on it. Raises ProtocolError on an impossible count."""
+        self.conn.acknowledge(received)
+        self.protocol = protocol
+        self.conn.rewind()
         self.poll_generation += 1
         self.polling = True
         self.touch()
@@ -99,16 +152,26 @@ class Session:
         return self.poll_generation
 
     def detach_poll(self, generation: int) -> None:
-        if generation == self.poll_generation:
+        """The poll of this generation is over (or its connection gone): the resume grace runs."""
+        if generation == self.poll_generation and self.polling:
             self.polling = False
-            self.unpolled_since = time.monotonic()
+            self.detached_since = time.monotonic()
+            self._wake.set()
 
-    async def next_frames(self, generation: int, timeout: float, until: float) -> list[Frame] | None:
-        """Frames for the poll of this generation: a Ping after ``timeout`` of silence,
-        None once the poll is over (replaced, closed, or past ``until``)."""
-        deadline = min(time.monotonic() + timeout, until)
-        while not self._outbox and not self.closed and generation == self.poll_generation:
+    def first_write(self) -> bytes:
+        """At once when a poll opens: some proxies hold the response head until body bytes flow."""
+        return self.conn.data_to_send(force=True, limit=MAX_WRITE)
+
+    async def next_write(self, generation: int, idle: float, until: float) -> bytes | None:
+        """The next write for the poll of this generation: frames as soon as there are any
+        (acknowledgements a little later), a Ping after ``idle`` seconds of silence, None
+        once the poll is over (replaced, closed, or past ``until``)."""
+        conn = self.conn
+        deadline = min(time.monotonic() + idle, until)
+        while not conn.wants_write and not self.closed and self._current(generation):
             remaining = deadline - time.monotonic()
+            if conn.ack_owed:
+                remaining = min(remaining, ACK_DELAY)
             if remaining <= 0:
                 break
             self._wake.clear()  # a wake-up that brought nothing for this poll: wait on
@@ -116,52 +179,73 @@ class Session:
                 await asyncio.wait_for(self._wake.wait(), remaining)
             except TimeoutError:
                 break
-        if self.closed or generation != self.poll_generation:
+        if self.closed or not self._current(generation):
             return None
-        frames, self._outbox = self._outbox, []
-        if frames:
-            return frames
-        return None if time.monotonic() >= until else [self.ping()]
+        if conn.wants_write:
+            await asyncio.sleep(0)  # let frames made ready in the same instant join this write
+        elif not conn.ack_owed:
+            if time.monotonic() >= until:
+                return None
+            if not conn.ping(time.time()):
+                return conn.data_to_send(force=True)  # the last Ping is unanswered: a keepalive
+        return conn.data_to_send(limit=MAX_WRITE)
 
-    def wake(self) -> None:
+    def _current(self, generation: int) -> bool:
+        return generation == self.poll_generation and self.polling
+
+    # --- the uplink -------------------------------------------------------------
+
+    def inbound(self) -> Inbound:
+        """A reader for one new uplink body."""
+        return self.conn.inbound()
+
+    def receive(self, reader: Inbound, data: bytes) -> list[Drain]:
+        """Frames from an uplink go to their exchanges; returns the Drains for the caller.
+        A broken request fails alone; raises ProtocolError when the session is at fault."""
+        self.touch()
+        drains: list[Drain] = []
+        while True:
+            try:
+                events = reader.feed(data)
+            except ProtocolError as exc:
+                if exc.request_id is None:
+                    raise
+                self._violated(exc)
+                data = b""
+                continue
+            for event in events:
+                self._dispatch(event, drains)
+            if self.conn.ack_owed and not self._wake.is_set():
+                self._wake.set()
+            return drains
+
+    def _dispatch(self, event: Frame, drains: list[Drain]) -> None:
+        kind = type(event)
+        if kind is Chunk or kind is Head or kind is End:
+            exchange = self.exchanges.get(event.id)  # type: ignore[union-attr]
+            if exchange is not None:  # (None: the relay gave up on it, its Cancel is out)
+                exchange.events.put_nowait(event)  # type: ignore[arg-type]
+        elif kind is Pong:
+            self.conn.ping(time.time())  # echoed at once: the connector's proof its uploads arrive
+            self._wake.set()
+        elif kind is Drain:
+            drains.append(event)  # type: ignore[arg-type]
+
+    def _violated(self, exc: ProtocolError) -> None:
+        assert exc.request_id is not None
+        log.warning("connector %s broke the protocol: %s", self.name, exc)
+        self.conn.cancel(exc.request_id)
         self._wake.set()
-
-    def open(self, method: str, path: str, query: str, headers: Headers, body: bytes) -> Exchange:
-        """Send a request to the connector, with this connector's LLM key."""
-        exchange = Exchange(self)
-        self.exchanges[exchange.id] = exchange
-        self.in_flight += 1
-        self.send(Request(exchange.id, method, path, query, headers, body, self.spec.llm_api_key))
-        return exchange
-
-    def finish(self, exchange: Exchange, *, cancel: bool) -> None:
-        if self.exchanges.pop(exchange.id, None) is None:
-            return
-        self.in_flight -= 1
-        if cancel and not self.closed:
-            self.send(Cancel(exchange.id))
-
-    def deliver(self, frame: Head | Chunk | End) -> bool:
-        """Route a reply frame to its exchange; False if it is not one of ours (any more)."""
-        exchange = self.exchanges.get(frame.id)
-        if exchange is None:
-            return False
-        if isinstance(frame, Chunk):
-            exchange.buffered += len(frame.data)
-            if exchange.buffered > MAX_AHEAD:  # a connector that ignores its credit
-                exchange.events.put_nowait(Interrupt("credit_overrun"))
-                return True
-        exchange.events.put_nowait(frame)
-        return True
-
-    def interrupt(self, request_id: int, reason: Interruption) -> None:
-        exchange = self.exchanges.get(request_id)
+        exchange = self.exchanges.get(exc.request_id)
         if exchange is not None:
-            exchange.events.put_nowait(Interrupt(reason))
+            exchange.events.put_nowait(Interrupt("protocol_error"))
+
+    def touch(self) -> None:
+        self.last_seen = time.monotonic()
 
     def close(self) -> None:
-        """The connector is gone: every request in flight fails now."""
+        """The connector is gone for good: every request in flight fails now."""
         self.closed = True
         self._wake.set()
-        for request_id in list(self.exchanges):
-            self.interrupt(request_id, "connector_lost")
+        for exchange in self.exchanges.values():
+            exchange.events.put_nowait(Interrupt("connector_lost"))

@@ -63,8 +63,12 @@ def test_user_disconnect_before_the_head_cancels_too(stack: Stack) -> None:
     wait_until(lambda: fake_state(llm)["cancelled"] == 1, timeout=5, what="the LLM to see the disconnect")
 
 
-def test_connector_killed_mid_stream_ends_the_stream_at_once(stack: Stack) -> None:
-    broker = stack.broker(CONFIG)
+# A connector's death looks like a lost connection: its session waits this long for a resume.
+SHORT_GRACE = {"REMOTELLM_RESUME_GRACE": "1"}
+
+
+def test_connector_killed_mid_stream_ends_the_stream_once_the_resume_grace_is_over(stack: Stack) -> None:
+    broker = stack.broker(CONFIG, env=SHORT_GRACE)
     llm = stack.llm("m")
     connector = stack.connector(broker.url, "tok-solo", llm, "m")
     broker.wait_models("m")
@@ -82,7 +86,7 @@ def test_connector_killed_mid_stream_ends_the_stream_at_once(stack: Stack) -> No
 
 
 def test_connector_killed_before_the_head_is_502(stack: Stack) -> None:
-    broker = stack.broker(CONFIG)
+    broker = stack.broker(CONFIG, env=SHORT_GRACE)
     llm = stack.llm("m")
     connector = stack.connector(broker.url, "tok-solo", llm, "m")
     broker.wait_models("m")

@@ -126,20 +126,34 @@ class _Endpoint:
         self._unacked.append(data)
         self._unwritten.append(data)
 
-    def data_to_send(self, *, force: bool = False) -> bytes:
-        """One write: every frame not yet written on this connection, behind a Batch that
-        also acknowledges what arrived. Empty when there is nothing to say, unless
-        ``force`` asks for a bare Batch (a first byte for a new poll, a keepalive)."""
+    def data_to_send(self, *, force: bool = False, limit: int | None = None) -> bytes:
+        """One write: the frames not yet written on this connection (about ``limit`` bytes
+        of them at most), behind a Batch that also acknowledges what arrived. Empty when
+        there is nothing to say, unless ``force`` asks for a bare Batch (a first byte for a
+        new poll, a keepalive)."""
         if not self._unwritten and self._received == self._acked_to_peer and not force:
             return b""
         header = _encode(Batch(self._written, self._received))
         self._acked_to_peer = self._received
-        frames, self._unwritten = self._unwritten, []
+        frames = self._unwritten
+        if limit is None or len(frames) < 2:
+            self._unwritten = []
+        else:
+            count = size = 0
+            while count < len(frames) and size < limit:
+                size += len(frames[count])
+                count += 1
+            frames, self._unwritten = frames[:count], frames[count:]
         self._written += len(frames)
         if not frames:
             return header
         frames.insert(0, header)
         return b"".join(frames)
+
+    @property
+    def wants_write(self) -> bool:
+        """Frames wait to be written (acknowledgements alone do not count)."""
+        return bool(self._unwritten)
 
     def rewind(self) -> None:
         """A new connection carries this direction: send everything unacknowledged again."""
