@@ -211,13 +211,15 @@ class Session:
                 if exc.request_id is None:
                     raise
                 self._violated(exc)
-                data = b""
-                continue
+                events = []
             for event in events:
                 self._dispatch(event, drains)
-            if self.conn.ack_owed and not self._wake.is_set():
-                self._wake.set()
-            return drains
+            if not reader.backlogged:
+                break
+            data = b""
+        if self.conn.ack_owed and not self._wake.is_set():
+            self._wake.set()
+        return drains
 
     def _dispatch(self, event: Frame, drains: list[Drain]) -> None:
         kind = type(event)

@@ -167,6 +167,7 @@ async def reply(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
             for drain in session.receive(reader, message.get("body", b"")):
                 hub.sessions.retire(session, drain.reason)
             if not message.get("more_body", False):
+                reader.finish()
                 break
     except ProtocolError as exc:
         await _refuse_frames(hub, session, send, exc)

@@ -238,13 +238,14 @@ class Session:
                     raise
                 log.warning("the broker broke the protocol: %s", exc)
                 self._cancel(exc.request_id)
-                data = b""
-                continue
+                events = []
             for event in events:
                 self._dispatch(event)
-            if self.conn.ack_owed or self.conn.wants_write:
-                self._wake.set()
-            return
+            if not reader.backlogged:
+                break
+            data = b""
+        if self.conn.ack_owed or self.conn.wants_write:
+            self._wake.set()
 
     def _dispatch(self, frame: Frame) -> None:
         kind = type(frame)

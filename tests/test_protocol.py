@@ -165,6 +165,20 @@ def test_the_frames_after_a_request_level_violation_are_still_delivered() -> Non
     assert pair.uplink.feed(b"") == [Chunk(good, b"kept")]
 
 
+def test_the_frames_before_a_violation_come_first_then_the_error_then_the_rest() -> None:
+    pair = Pair()
+    good = pair.streaming()
+    assert pair.uplink.feed(raw(Batch(1, 1), Chunk(good, b"before"), Head(99, 200, []), Chunk(good, b"after"))) == [
+        Chunk(good, b"before")
+    ]
+    assert pair.uplink.backlogged
+    with pytest.raises(ProtocolError) as caught:
+        pair.uplink.feed(b"")
+    assert caught.value.request_id == 99
+    assert pair.uplink.feed(b"") == [Chunk(good, b"after")]
+    assert not pair.uplink.backlogged
+
+
 @pytest.mark.parametrize(
     "frame",
     [Request(1, "GET", "/", "", [], b""), Cancel(1), Ping(1.0), Models([]), Body(1, b""), Hello("c", "1", [])],
@@ -202,13 +216,22 @@ def test_reply_frames_over_the_limit_are_refused_before_buffering() -> None:
         pair.uplink.feed((10**6).to_bytes(4, "big"))
 
 
-def test_a_truncated_connection_is_reported_at_its_end() -> None:
+def test_a_connection_cut_inside_a_frame_loses_nothing() -> None:
     pair = Pair()
-    pair.broker.open("GET", "/v1/models", "", [], b"")
+    request_id = pair.broker.open("GET", "/v1/models", "", [], b"")
     data = pair.broker.data_to_send()
-    pair.poll.feed(data[:-3])
-    with pytest.raises(ProtocolError, match="inside a frame"):
-        pair.poll.finish()
+    assert pair.poll.feed(data[:-3]) == []
+    pair.poll.finish()  # no fault: the frame comes again
+    pair.poll = pair.connector.inbound()
+    pair.broker.rewind()
+    assert [e.id for e in pair.to_connector()] == [request_id]  # type: ignore[attr-defined]
+
+
+def test_garbage_at_the_end_of_a_connection_is_reported_when_it_ends() -> None:
+    pair = Pair()
+    assert pair.uplink.feed(raw(Batch(0, 0), Pong(1.0)) + b"\xff\xff\xff\xff") == [Pong(1.0)]
+    with pytest.raises(ProtocolError, match="exceeds"):
+        pair.uplink.finish()
 
 
 # --- credit ---------------------------------------------------------------------------
@@ -234,8 +257,9 @@ def test_credit_overrun_by_a_hostile_connector_is_a_violation_of_that_request() 
     pair = Pair()
     request_id = pair.streaming()
     overrun = raw(Batch(1, 1), Chunk(request_id, b"x" * INITIAL_CREDIT), Chunk(request_id, b"y"))
+    assert len(pair.uplink.feed(overrun)) == 1
     with pytest.raises(ProtocolError, match="beyond its credit") as caught:
-        pair.uplink.feed(overrun)
+        pair.uplink.feed(b"")
     assert caught.value.request_id == request_id
 
 

@@ -214,26 +214,38 @@ class _Endpoint:
 class Inbound:
     """One inbound connection's bytes: its own decoder and numbering, one shared session.
 
-    After ``feed`` raised ProtocolError naming a request, the session is still sound:
-    ``feed(b"")`` goes on with the frames that followed the bad one.
+    A frame that breaks the rules of one request raises ProtocolError naming it — after
+    the events of the frames before it were returned, as FrameDecoder does — and the
+    session is still sound: while ``backlogged``, ``feed(b"")`` goes on with the frames
+    that followed the bad one.
     """
 
-    __slots__ = ("_backlog", "_decoder", "_endpoint", "_next")
+    __slots__ = ("_backlog", "_decoder", "_endpoint", "_error", "_next")
 
     def __init__(self, endpoint: _Endpoint, max_frame_size: int) -> None:
         self._endpoint = endpoint
         self._decoder = FrameDecoder(max_frame_size)
         self._next: int | None = None  # the number of the next frame on this connection
-        self._backlog: list[Frame] = []
+        self._backlog: list[Frame] = []  # decoded, not yet applied (after a violation)
+        self._error: ProtocolError | None = None  # found, not yet raised
+
+    @property
+    def backlogged(self) -> bool:
+        """Frames wait behind a violation: call ``feed(b"")`` again."""
+        return bool(self._backlog) or self._error is not None
 
     def feed(self, data: bytes) -> list[Frame]:
         """The events these bytes complete, each new frame once, in order."""
         try:
-            frames = self._decoder.feed(data) if data or not self._backlog else []
+            frames = self._decoder.feed(data) if data else []
         except FrameError as exc:
             raise ProtocolError(str(exc)) from None
         if self._backlog:
             frames, self._backlog = self._backlog + frames, []
+        if self._error is not None:
+            error, self._error = self._error, None
+            self._backlog = frames
+            raise error
         endpoint = self._endpoint
         events: list[Frame] = []
         for index, frame in enumerate(frames):
@@ -250,17 +262,22 @@ class Inbound:
             try:
                 event = endpoint._receive(frame)
             except ProtocolError as exc:
-                if exc.request_id is not None:
-                    self._backlog = frames[index + 1 :]
-                raise
+                if exc.request_id is None:
+                    raise
+                self._backlog = frames[index + 1 :]
+                if not events:
+                    raise
+                self._error = exc  # the events before it come first
+                return events
             if event is not None:
                 events.append(event)
         return events
 
     def finish(self) -> None:
-        """The connection ended: raise if it stopped inside a frame (nothing is lost either way)."""
+        """The connection ended: raise if its bytes were invalid. Ending inside a frame is
+        no fault: that frame is sent again on the next connection."""
         try:
-            self._decoder.finish()
+            self._decoder.feed(b"")
         except FrameError as exc:
             raise ProtocolError(str(exc)) from None
 
