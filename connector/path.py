@@ -40,7 +40,7 @@ class PathProfile:
         if self._late_first_frames < 2 or self.buffering:
             return False
         log.warning("responses from the broker arrive only when they end (a buffering proxy?): "
-                    "switching to short polls and batched uploads")  # fmt: skip
+                    "switching to short polls and batched replies")  # fmt: skip
         self.buffering = True
         return True
 
@@ -49,7 +49,7 @@ class PathProfile:
         if self.buffering:
             return False
         log.warning("uploads to the broker arrive only when they end (a buffering proxy?): "
-                    "switching to short polls and batched uploads")  # fmt: skip
+                    "switching to short polls and batched replies")  # fmt: skip
         self.buffering = True
         return True
 

@@ -98,7 +98,7 @@ class Session:
         self.closing = False  # no more uplinks once what is queued has left
         self.drained = False
         self._lost_since: float | None = None
-        self.last_ping_at = time.monotonic()
+        self.last_heard = time.monotonic()  # the poll's last bytes
         self._unechoed_since: float | None = None  # when the oldest Pong not yet echoed left
         self._unechoed_ping = 0.0
         self._uplink_task: asyncio.Task[None] | None = None
@@ -196,6 +196,8 @@ class Session:
                             first_frame.reschedule(None)
                             self.path.observe_first_frame()
                         self._feed(reader, data)
+                        if self.path.buffering:
+                            return  # short polls from now on (what this one still had comes again)
                     reader.finish()
         except TimeoutError:
             if not first_frame.expired():
@@ -221,8 +223,9 @@ class Session:
             raise Refused(f"poll answered {response.status_code}: {error_message(response)}")
         self._lost_since = None
         status = self.status
-        if not status.connected:
-            status.protocol = self.path.describe(response.http_version)
+        protocol = self.path.describe(response.http_version)
+        if not status.connected or protocol != status.protocol:
+            status.protocol = protocol
             log.info("tunnel up (%s) to %s", status.protocol, self.settings.public_broker_url)
         status.connected = True
         status.last_error = ""
@@ -230,6 +233,7 @@ class Session:
     def _feed(self, reader: Inbound, data: bytes) -> None:
         """The broker's frames, each to what handles it. A bad request fails alone; a
         ProtocolError of the whole session propagates."""
+        self.last_heard = time.monotonic()
         while True:
             try:
                 events = reader.feed(data)
@@ -258,7 +262,6 @@ class Session:
         elif kind is Cancel:
             self._cancel(frame.id)  # type: ignore[union-attr]
         elif kind is Ping:
-            self.last_ping_at = time.monotonic()
             if self._unechoed_since is not None and frame.pong >= self._unechoed_ping:  # type: ignore[union-attr]
                 self._unechoed_since = None
         elif kind is Models:
@@ -335,8 +338,8 @@ class Session:
             await asyncio.sleep(interval)
             now = time.monotonic()
             waiting = self._unechoed_since
-            # Held, not dead: the poll still brings pings (a dead path brings nothing).
-            poll_alive = now - self.last_ping_at < UNECHOED_PINGS * interval
+            # Held, not dead: the poll still brings bytes (a dead path brings nothing).
+            poll_alive = now - self.last_heard < UNECHOED_PINGS * interval
             if waiting is not None and now - waiting > UNECHOED_PINGS * interval and poll_alive:
                 self._unechoed_since = None
                 if self.path.observe_held_uploads():
