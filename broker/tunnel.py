@@ -21,6 +21,7 @@ Interruption = Literal["connector_lost", "user_gone", "protocol_error"]
 # Frames that arrive while the poll writer has nothing of its own to send are acknowledged
 # this much later, so that an acknowledgement rides along with a frame when it can.
 ACK_DELAY = 0.02
+VIOLATIONS_LOGGED_EVERY = 1000
 # Largest write on the poll: frames beyond it wait for the next one (hypercorn copies).
 MAX_WRITE = 256 * 1024
 
@@ -72,6 +73,7 @@ class Session:
         self.last_seen = time.monotonic()  # any sign of life: a poll, an uplink byte
         self.leaving = False  # the connector or the broker said goodbye: no new requests
         self.closed = False
+        self.violations = 0  # request-level protocol errors so far
         self._wake = asyncio.Event()
 
     # Endpoint protocol of the router
@@ -235,7 +237,9 @@ class Session:
 
     def _violated(self, exc: ProtocolError) -> None:
         assert exc.request_id is not None
-        log.warning("connector %s broke the protocol: %s", self.name, exc)
+        self.violations += 1
+        if self.violations == 1 or self.violations % VIOLATIONS_LOGGED_EVERY == 0:  # a flood is not a log flood
+            log.warning("connector %s broke the protocol (%d times): %s", self.name, self.violations, exc)
         self.conn.cancel(exc.request_id)
         self._wake.set()
         exchange = self.exchanges.get(exc.request_id)
