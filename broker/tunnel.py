@@ -12,18 +12,27 @@ import time
 from typing import Literal
 
 from broker.config import ConnectorSpec
-from wire import BrokerConnection, Chunk, Drain, End, Frame, Head, Hello, Inbound, Limits, Pong, ProtocolError
+from wire import (
+    ACK_DELAY,
+    BrokerConnection,
+    Chunk,
+    Coalescer,
+    Drain,
+    End,
+    Frame,
+    Head,
+    Hello,
+    Inbound,
+    Limits,
+    Pong,
+    ProtocolError,
+)
 from wire.frames import Headers
 
 log = logging.getLogger("remotellm.tunnel")
 
 Interruption = Literal["connector_lost", "user_gone", "protocol_error"]
-# Frames that arrive while the poll writer has nothing of its own to send are acknowledged
-# this much later, so that an acknowledgement rides along with a frame when it can.
-ACK_DELAY = 0.02
 VIOLATIONS_LOGGED_EVERY = 1000
-# Largest write on the poll: frames beyond it wait for the next one (hypercorn copies).
-MAX_WRITE = 256 * 1024
 
 
 class Interrupt:
@@ -75,6 +84,7 @@ class Session:
         self.closed = False
         self.violations = 0  # request-level protocol errors so far
         self._wake = asyncio.Event()
+        self._coalescer = Coalescer()
 
     # Endpoint protocol of the router
     @property
@@ -162,7 +172,7 @@ class Session:
 
     def first_write(self) -> bytes:
         """At once when a poll opens: some proxies hold the response head until body bytes flow."""
-        return self.conn.data_to_send(force=True, limit=MAX_WRITE)
+        return self.conn.data_to_send(force=True)
 
     async def next_write(self, generation: int, idle: float, until: float) -> bytes | None:
         """The next write for the poll of this generation: frames as soon as there are any
@@ -184,13 +194,20 @@ class Session:
         if self.closed or not self._current(generation):
             return None
         if conn.wants_write:
-            await asyncio.sleep(0)  # let frames made ready in the same instant join this write
+            await self._coalesce()
         elif not conn.ack_owed:
             if time.monotonic() >= until:
                 return None
             if not conn.ping(time.time()):
                 return conn.data_to_send(force=True)  # the last Ping is unanswered: a keepalive
-        return conn.data_to_send(limit=MAX_WRITE)
+        return conn.data_to_send()
+
+    async def _coalesce(self) -> None:
+        """Hold a write that follows the last one closely, so frames ready meanwhile join it."""
+        delay = self._coalescer.delay(time.monotonic())
+        if delay:
+            await asyncio.sleep(delay)
+        self._coalescer.wrote(time.monotonic())
 
     def _current(self, generation: int) -> bool:
         return generation == self.poll_generation and self.polling

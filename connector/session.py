@@ -20,6 +20,7 @@ from connector.path import PathProfile
 from connector.settings import Settings
 from connector.uplink import UplinkError, upload
 from wire import (
+    ACK_DELAY,
     DEAD_AFTER_PINGS,
     POLL_PATH,
     RECEIVED_HEADER,
@@ -27,6 +28,7 @@ from wire import (
     SESSION_HEADER,
     SHORT_POLL_QUERY,
     Cancel,
+    Coalescer,
     ConnectorConnection,
     Credit,
     Drain,
@@ -47,8 +49,6 @@ POLLS_PER_LINK = 50  # a poll connection is replaced long before any server's re
 FIRST_FRAME_TIMEOUT = 5.0  # the broker writes a poll's first frame at once
 RETRY_DELAY = 0.5  # between attempts to open a lost poll or uplink again
 UPLOAD_GRACE = 10.0  # how long a finished reply may take to leave
-ACK_DELAY = 0.02  # frames are acknowledged this much later if nothing else goes out first
-MAX_WRITE = 256 * 1024  # httpcore copies the unsent rest of a write per 16 KiB frame
 # Heartbeats unechoed this many ping intervals: uploads are held (the broker itself gives
 # up on a silent connector after 3).
 UNECHOED_PINGS = 1.5
@@ -95,6 +95,7 @@ class Session:
         self._credit: dict[int, asyncio.Event] = {}  # requests waiting for the broker's Credit
         self._wake = asyncio.Event()  # frames (or an acknowledgement) for the uplink
         self._restart_uplink = asyncio.Event()
+        self._coalescer = Coalescer()
         self.closing = False  # no more uplinks once what is queued has left
         self.drained = False
         self._lost_since: float | None = None
@@ -316,11 +317,14 @@ class Session:
                     break
             else:
                 await self._wait()
-        await asyncio.sleep(0)  # let frames made ready in the same instant join this write
-        return conn.data_to_send(limit=MAX_WRITE)
+        delay = self._coalescer.delay(time.monotonic())
+        if delay:  # close behind the last write: frames ready meanwhile join this one
+            await asyncio.sleep(delay)
+        self._coalescer.wrote(time.monotonic())
+        return conn.data_to_send()
 
     def ready_now(self) -> bytes:
-        return self.conn.data_to_send(limit=MAX_WRITE)
+        return self.conn.data_to_send()
 
     async def _wait(self) -> None:
         self._wake.clear()

@@ -37,14 +37,27 @@ from wire.frames import (
 )
 from wire.framing import MAX_FRAME_SIZE, FrameDecoder, FrameError, decode_all, encode, encode_many
 from wire.limits import DEFAULT_LIMITS, Limits, check_models
-from wire.protocol import BrokerConnection, ConnectorConnection, Inbound, ProtocolError, ReplyState
+from wire.protocol import (
+    ACK_DELAY,
+    COALESCE_WINDOW,
+    MAX_WRITE,
+    BrokerConnection,
+    Coalescer,
+    ConnectorConnection,
+    Inbound,
+    ProtocolError,
+    ReplyState,
+)
 
 __all__ = [
+    "ACK_DELAY",
+    "COALESCE_WINDOW",
     "DEAD_AFTER_PINGS",
     "DEFAULT_LIMITS",
     "FRAMES_CONTENT_TYPE",
     "INITIAL_CREDIT",
     "MAX_FRAME_SIZE",
+    "MAX_WRITE",
     "POLL_PATH",
     "PROTOCOL_VERSION",
     "RECEIVED_HEADER",
@@ -58,6 +71,7 @@ __all__ = [
     "BrokerConnection",
     "Cancel",
     "Chunk",
+    "Coalescer",
     "ConnectorConnection",
     "Credit",
     "Drain",
