@@ -110,7 +110,9 @@ class Sessions:
             now = time.monotonic()
             silent_after = DEAD_AFTER_PINGS * settings.ping_interval + settings.resume_grace
             for session in self:
-                if not session.polling and now - session.detached_since > settings.resume_grace:
+                if session.closed:
+                    self.drop(session, "given up")
+                elif not session.polling and now - session.detached_since > settings.resume_grace:
                     self.drop(session, "not resumed in time")
                 elif now - session.last_seen > silent_after:
                     self.drop(session, "silent")

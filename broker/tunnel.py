@@ -9,7 +9,8 @@ import asyncio
 import logging
 import secrets
 import time
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 from broker.config import ConnectorSpec
 from wire import (
@@ -93,7 +94,7 @@ class Session:
 
     @property
     def max_concurrent(self) -> int:
-        return self.spec.max_concurrent
+        return min(self.spec.max_concurrent, self.conn.limits.max_streams)
 
     @property
     def name(self) -> str:
@@ -122,32 +123,48 @@ class Session:
     # --- requests -----------------------------------------------------------
 
     def open(self, method: str, path: str, query: str, headers: Headers, body: bytes) -> Exchange:
-        """Send a request to the connector, with this connector's LLM key."""
-        request_id = self.conn.open(method, path, query, headers, body, self.spec.llm_api_key)
+        """Send a request to the connector, with this connector's LLM key (an exchange that
+        is over at once if the session cannot take it)."""
+        try:
+            request_id = self.conn.open(method, path, query, headers, body, self.spec.llm_api_key)
+        except ProtocolError as exc:
+            self._give_up(exc)
+            exchange = Exchange(self, 0)
+            exchange.events.put_nowait(Interrupt("connector_lost"))
+            return exchange
         exchange = self.exchanges[request_id] = Exchange(self, request_id)
         self._wake.set()
         return exchange
 
     def finish(self, exchange: Exchange, *, cancel: bool) -> None:
         if self.exchanges.pop(exchange.id, None) is not None and cancel and not self.closed:
-            self.conn.cancel(exchange.id)
-            self._wake.set()
+            self._intent(self.conn.cancel, exchange.id)
 
     def consumed(self, request_id: int, size: int) -> None:
-        unacked = self.conn.unacked
-        self.conn.consumed(request_id, size)
-        if self.conn.unacked != unacked:
-            self._wake.set()
+        self._intent(self.conn.consumed, request_id, size)
 
     def models(self, models: list[str]) -> None:
-        self.conn.models(models)
-        self._wake.set()
+        self._intent(self.conn.models, models)
 
     def drain(self, reason: str) -> None:
         """This broker is leaving: no new requests; the connector is told to go elsewhere."""
         self.leave()
-        self.conn.drain(reason)
-        self._wake.set()
+        self._intent(self.conn.drain, reason)
+
+    def _intent(self, intent: Callable[..., None], *args: Any) -> None:
+        """Queue a frame and wake the poll; a connector that has acknowledged nothing for
+        ``max_unacked`` frames is given up on."""
+        try:
+            intent(*args)
+        except ProtocolError as exc:
+            self._give_up(exc)
+            return
+        if self.conn.wants_write:  # (most consumed bytes queue no Credit yet: no wake-up)
+            self._wake.set()
+
+    def _give_up(self, exc: ProtocolError) -> None:
+        log.warning("connector %s: %s; its session ends", self.name, exc)
+        self.close()  # (the reaper drops it)
 
     # --- the poll -------------------------------------------------------------
 
@@ -223,19 +240,7 @@ class Session:
         A broken request fails alone; raises ProtocolError when the session is at fault."""
         self.touch()
         drains: list[Drain] = []
-        while True:
-            try:
-                events = reader.feed(data)
-            except ProtocolError as exc:
-                if exc.request_id is None:
-                    raise
-                self._violated(exc)
-                events = []
-            for event in events:
-                self._dispatch(event, drains)
-            if not reader.backlogged:
-                break
-            data = b""
+        reader.feed_each(data, lambda event: self._dispatch(event, drains), self._violated)
         if self.conn.ack_owed and not self._wake.is_set():
             self._wake.set()
         return drains

@@ -235,22 +235,14 @@ class Session:
         """The broker's frames, each to what handles it. A bad request fails alone; a
         ProtocolError of the whole session propagates."""
         self.last_heard = time.monotonic()
-        while True:
-            try:
-                events = reader.feed(data)
-            except ProtocolError as exc:
-                if exc.request_id is None:
-                    raise
-                log.warning("the broker broke the protocol: %s", exc)
-                self._cancel(exc.request_id)
-                events = []
-            for event in events:
-                self._dispatch(event)
-            if not reader.backlogged:
-                break
-            data = b""
+        reader.feed_each(data, self._dispatch, self._violated)
         if self.conn.ack_owed or self.conn.wants_write:
             self._wake.set()
+
+    def _violated(self, exc: ProtocolError) -> None:
+        assert exc.request_id is not None
+        log.warning("the broker broke the protocol: %s", exc)
+        self._cancel(exc.request_id)
 
     def _dispatch(self, frame: Frame) -> None:
         kind = type(frame)

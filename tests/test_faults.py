@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.faultrelay import FaultRelay
-from tests.support import Stack, free_port, wait_until
+from tests.support import Stack, free_port, rss_kib, wait_until
 from wire import (
     REGISTER_PATH,
     REPLY_PATH,
@@ -49,14 +49,6 @@ def body(stream: bool = False, **fake: object) -> dict[str, object]:
 def fake_state(llm: str) -> dict[str, object]:
     state: dict[str, object] = httpx.get(llm + "/_fake/state").json()
     return state
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def test_a_frozen_connector_is_dropped_and_recovers(stack: Stack) -> None:

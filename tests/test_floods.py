@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import httpx
 import pytest
 
-from tests.support import BrokerHandle, Stack
+from tests.support import BrokerHandle, Stack, rss_kib
 from wire import (
     FRAMES_CONTENT_TYPE,
     INITIAL_CREDIT,
@@ -44,14 +44,6 @@ connectors:
 """
 GROWTH_LIMIT_KIB = 40 * 1024  # what a flood may add to the broker's RSS
 FLOOD_BYTES = 64 * 1024 * 1024  # each flood sends at least this much
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 @pytest.fixture(scope="module")

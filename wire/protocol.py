@@ -23,6 +23,7 @@ fault. Whether that ends a request or the whole session is the caller's choice.
 """
 
 from collections import deque
+from collections.abc import Callable
 from enum import Enum
 
 import msgspec
@@ -301,6 +302,25 @@ class Inbound:
             if event is not None:
                 events.append(event)
         return events
+
+    def feed_each(
+        self, data: bytes, on_event: Callable[[Frame], None], on_violation: Callable[[ProtocolError], None]
+    ) -> None:
+        """Feed ``data`` and hand on, in order, each event and each violation of one request;
+        raises only what breaks the session as a whole."""
+        while True:
+            try:
+                events = self.feed(data)
+            except ProtocolError as exc:
+                if exc.request_id is None:
+                    raise
+                on_violation(exc)
+                events = []
+            for event in events:
+                on_event(event)
+            if not self.backlogged:
+                return
+            data = b""
 
     def finish(self) -> None:
         """The connection ended: raise if its bytes were invalid. Ending inside a frame is
