@@ -86,6 +86,7 @@ class Session:
         self.violations = 0  # request-level protocol errors so far
         self._wake = asyncio.Event()
         self._coalescer = Coalescer()
+        self._ack_by: float | None = None  # when an acknowledgement owed must leave
 
     # Endpoint protocol of the router
     @property
@@ -189,7 +190,7 @@ class Session:
 
     def first_write(self) -> bytes:
         """At once when a poll opens: some proxies hold the response head until body bytes flow."""
-        return self.conn.data_to_send(force=True)
+        return self._write(force=True)
 
     async def next_write(self, generation: int, idle: float, until: float) -> bytes | None:
         """The next write for the poll of this generation: frames as soon as there are any
@@ -198,15 +199,7 @@ class Session:
         conn = self.conn
         deadline = min(time.monotonic() + idle, until)
         while not conn.wants_write and not self.closed and self._current(generation):
-            remaining = deadline - time.monotonic()
-            if conn.ack_owed:
-                remaining = min(remaining, ACK_DELAY)
-            if remaining <= 0:
-                break
-            self._wake.clear()  # a wake-up that brought nothing for this poll: wait on
-            try:
-                await asyncio.wait_for(self._wake.wait(), remaining)
-            except TimeoutError:
+            if not await self._wait(min(deadline, self._ack_deadline())):
                 break
         if self.closed or not self._current(generation):
             return None
@@ -216,8 +209,33 @@ class Session:
             if time.monotonic() >= until:
                 return None
             if not conn.ping(time.time()):
-                return conn.data_to_send(force=True)  # the last Ping is unanswered: a keepalive
-        return conn.data_to_send()
+                return self._write(force=True)  # the last Ping is unanswered: a keepalive
+        return self._write()
+
+    def _write(self, *, force: bool = False) -> bytes:
+        self._ack_by = None  # (every write acknowledges what arrived)
+        return self.conn.data_to_send(force=force)
+
+    def _ack_deadline(self) -> float:
+        """When what arrived must be acknowledged, at the latest (inf: nothing owed)."""
+        if not self.conn.ack_owed:
+            return float("inf")
+        if self._ack_by is None:
+            self._ack_by = time.monotonic() + ACK_DELAY
+        return self._ack_by
+
+    async def _wait(self, until: float) -> bool:
+        """Wait for a wake-up until ``until`` (monotonic); False once that time came."""
+        remaining = until - time.monotonic()
+        if remaining <= 0:
+            return False
+        self._wake.clear()  # a wake-up that brought nothing for this poll: wait on
+        try:
+            async with asyncio.timeout(remaining):
+                await self._wake.wait()
+        except TimeoutError:
+            return False
+        return True
 
     async def _coalesce(self) -> None:
         """Hold a write that follows the last one closely, so frames ready meanwhile join it."""
@@ -240,8 +258,9 @@ class Session:
         A broken request fails alone; raises ProtocolError when the session is at fault."""
         self.touch()
         drains: list[Drain] = []
+        owed = self.conn.ack_owed
         reader.feed_each(data, lambda event: self._dispatch(event, drains), self._violated)
-        if self.conn.ack_owed and not self._wake.is_set():
+        if self.conn.ack_owed and not owed:  # the poll writer learns an acknowledgement is due
             self._wake.set()
         return drains
 

@@ -96,6 +96,7 @@ class Session:
         self._wake = asyncio.Event()  # frames (or an acknowledgement) for the uplink
         self._restart_uplink = asyncio.Event()
         self._coalescer = Coalescer()
+        self._ack_by: float | None = None  # when an acknowledgement owed must leave
         self.closing = False  # no more uplinks once what is queued has left
         self.drained = False
         self._lost_since: float | None = None
@@ -235,8 +236,9 @@ class Session:
         """The broker's frames, each to what handles it. A bad request fails alone; a
         ProtocolError of the whole session propagates."""
         self.last_heard = time.monotonic()
+        owed = self.conn.ack_owed
         reader.feed_each(data, self._dispatch, self._violated)
-        if self.conn.ack_owed or self.conn.wants_write:
+        if self.conn.wants_write or (self.conn.ack_owed and not owed):
             self._wake.set()
 
     def _violated(self, exc: ProtocolError) -> None:
@@ -302,25 +304,35 @@ class Session:
         while not conn.wants_write:
             if self.closing:
                 return None
-            if conn.ack_owed:
-                try:
-                    await asyncio.wait_for(self._wait(), ACK_DELAY)
-                except TimeoutError:
-                    break
-            else:
-                await self._wait()
+            if not conn.ack_owed:
+                self._ack_by = None
+                await self._wait(None)
+                continue
+            if self._ack_by is None:
+                self._ack_by = time.monotonic() + ACK_DELAY
+            if not await self._wait(self._ack_by - time.monotonic()):
+                break  # an acknowledgement alone, now
         delay = self._coalescer.delay(time.monotonic())
         if delay:  # close behind the last write: frames ready meanwhile join this one
             await asyncio.sleep(delay)
         self._coalescer.wrote(time.monotonic())
-        return conn.data_to_send()
+        return self.ready_now()
 
     def ready_now(self) -> bytes:
+        self._ack_by = None  # (every write acknowledges what arrived)
         return self.conn.data_to_send()
 
-    async def _wait(self) -> None:
+    async def _wait(self, timeout: float | None) -> bool:
+        """Wait for a wake-up, at most ``timeout`` seconds; False if none came."""
+        if timeout is not None and timeout <= 0:
+            return False
         self._wake.clear()
-        await self._wake.wait()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
+        except TimeoutError:
+            return False
+        return True
 
     async def _heartbeat(self) -> None:
         """The broker's only sign of life from us on an idle tunnel (and it detects a freeze).
