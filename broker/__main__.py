@@ -12,6 +12,7 @@ from collections.abc import Callable
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
+from broker import hypercorn_fixes
 from broker.config import ConfigError, load_file
 from broker.hub import Hub
 from broker.keys import hash_form
@@ -21,9 +22,6 @@ from broker.settings import Settings, parse_cli, resolve
 from broker.usage_cli import usage_main
 from wire.endpoints import loopback
 
-# hypercorn closes a connection after 1000 requests by default (GOAWAY): fatal for a tunnel.
-KEEP_ALIVE_MAX_REQUESTS = 2**31
-BACKLOG = 1024
 GRACEFUL_TIMEOUT = 30.0  # requests in flight get this long to finish on SIGTERM
 
 
@@ -34,11 +32,9 @@ def hypercorn_config(settings: Settings) -> Config:
     if settings.certfile and settings.keyfile:
         config.certfile = settings.certfile
         config.keyfile = settings.keyfile
-    config.keep_alive_max_requests = KEEP_ALIVE_MAX_REQUESTS
-    config.backlog = BACKLOG
     config.include_server_header = False
     config.accesslog = None
-    return config
+    return hypercorn_fixes.configure(config)
 
 
 def _hash_key(args: list[str]) -> int:
@@ -92,15 +88,20 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.certfile and not loopback(settings.host):
         log.warning("serving %s without TLS: user keys and connector tokens cross the network in clear text; "
                     "give --certfile/--keyfile or put a TLS proxy in front", settings.host)  # fmt: skip
-    with asyncio.Runner(loop_factory=_fastest_loop()) as runner:
-        runner.run(_serve(settings, reload=lambda: resolve(args, os.environ)))
+    try:
+        with asyncio.Runner(loop_factory=_fastest_loop()) as runner:
+            runner.run(_serve(settings, reload=lambda: resolve(args, os.environ)))
+    except hypercorn_fixes.UnsupportedHypercorn as exc:
+        print(f"python -m broker: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
 async def _serve(settings: Settings, reload: Callable[[], Settings]) -> None:
     """hypercorn, with a shutdown that first drains the tunnels (plain hypercorn cannot)."""
-    app = create_app(settings, reload)
-    hub: Hub = app.state.hub
+    broker = create_app(settings, reload)
+    hub: Hub = broker.state.hub
+    app = hypercorn_fixes.install(broker)
     signalled = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -2,7 +2,8 @@
 
 import os
 
+from broker import hypercorn_fixes
 from broker.server import create_app
 from broker.settings import resolve
 
-app = create_app(resolve(None, os.environ), reload=lambda: resolve(None, os.environ))
+app = hypercorn_fixes.install(create_app(resolve(None, os.environ), reload=lambda: resolve(None, os.environ)))

@@ -28,14 +28,12 @@ from broker.routes import JSON_MODEL_ROUTES, RESPONSES_PATH, Family, family, man
 from broker.settings import Settings
 from broker.tunnel import Exchange, Interrupt, ReplyEvent, Session
 from broker.users import User
-from wire import INITIAL_CREDIT, Chunk, Credit, End, Head
+from wire import Chunk, End, Head
 from wire.headers import forwardable_request_header, forwardable_response_header, valid_header, valid_status
 
 # Response headers the broker sets itself.
 _SET_BY_BROKER = frozenset(["date", "cache-control", "x-accel-buffering", "x-remotellm-overhead-ms", "x-request-id"])
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# Credit is returned in steps of half the window: one frame per 64 KiB the user reads.
-CREDIT_STEP = INITIAL_CREDIT // 2
 Headers = Sequence[tuple[bytes, bytes]]
 _NO_BUFFERING = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 _END_ERRORS = {
@@ -333,9 +331,7 @@ async def _respond(exchange: Exchange, send: Send, settings: Settings, out: _Out
     await send({"type": "http.response.start", "status": event.status, "headers": headers})
     out.head_sent = True
     queue = exchange.events
-    session = exchange.session
     pending: ReplyEvent | None = None
-    unacknowledged = 0
     while True:
         event, pending = pending or await _next(exchange, settings.idle_timeout), None
         if isinstance(event, Chunk):
@@ -357,12 +353,7 @@ async def _respond(exchange: Exchange, send: Send, settings: Settings, out: _Out
             except TimeoutError:
                 out.result = "user_stalled"
                 return None
-            # The user took these bytes: the connector may send as many more.
-            exchange.buffered -= len(data)
-            unacknowledged += len(data)
-            if unacknowledged >= CREDIT_STEP:
-                session.send(Credit(exchange.id, unacknowledged))
-                unacknowledged = 0
+            exchange.consumed(len(data))  # the connector may send as many more
         elif isinstance(event, End) and event.error is None:
             out.ended = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -18,10 +18,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from broker import h2_patches, logs, tunnel_api
+from broker import logs, tunnel_api
 from broker.accounting import Accounting
 from broker.affinity import MemoryAffinity
-from broker.asgi import DrainBody, Receive, Scope, Send
+from broker.asgi import Receive, Scope, Send
 from broker.edge import CanonicalTarget
 from broker.errors import error_body
 from broker.hub import Hub
@@ -172,7 +172,6 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 def create_app(settings: Settings, reload: Callable[[], Settings] | None = None) -> Starlette:
     """The app; ``reload`` re-reads keys and connectors on SIGHUP and when the YAML changes."""
     logs.setup()
-    h2_patches.install()
     hub = Hub(settings)
 
     @asynccontextmanager
@@ -210,7 +209,7 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
     ]
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(DrainBody), Middleware(CanonicalTarget)],
+        middleware=[Middleware(CanonicalTarget)],
         exception_handlers={404: _http_error, 405: _http_error},
         lifespan=lifespan,
     )

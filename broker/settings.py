@@ -15,7 +15,7 @@ from broker.config import SETTINGS, ConfigError, ConnectorSpec, load_file
 from broker.database import DEFAULT_DATABASE
 from broker.keys import parse_secret
 from broker.users import User
-from wire import MAX_FRAME_SIZE
+from wire import DEFAULT_LIMITS, MAX_FRAME_SIZE, Limits
 
 # Room in a request frame for everything but the body: method, path, headers.
 FRAME_HEADROOM = 1024 * 1024
@@ -75,18 +75,18 @@ class BrokerArgs:
     body_memory_limit: int | None = field(
         default=None, metadata={"type": int, "help": "request-body bytes held at once, all users together"}
     )
-    max_sessions_per_token: int | None = field(
-        default=None, metadata={"type": int, "help": "tunnel sessions one connector token may hold (16)"}
-    )
-    max_replies_per_session: int | None = field(
-        default=None, metadata={"type": int, "help": "reply streams one tunnel session may have open (8)"}
-    )
     response_ttl: float | None = field(
         default=None,
         metadata={"type": float, "help": "seconds a Responses id routes to its connector (30 d)"},
     )
     log_format: str | None = field(
         default=None, metadata={"type": str, "choices": ["plain", "json"], "help": "request log format"}
+    )
+    resume_grace: float | None = field(
+        default=None, metadata={"type": float, "help": "seconds a connector may take to resume its session (30)"}
+    )
+    sessions_per_token: int | None = field(
+        default=None, metadata={"type": int, "help": "sessions one connector token may hold at once (16)"}
     )
 
 
@@ -119,8 +119,6 @@ class Settings:
     max_body_size: int = 16 * 1024 * 1024
     body_timeout: float = 60.0  # a request body must arrive within this, else 408
     body_memory_limit: int = 256 * 1024 * 1024  # past it, new requests get 503 (never an OOM)
-    max_sessions_per_token: int = 16  # replicas of one connector each hold a session
-    max_replies_per_session: int = 8  # the connector uses one (a few while a proxy batches)
     response_ttl: float = 30 * 24 * 3600.0  # as long as OpenAI keeps a stored response
     database: str = DEFAULT_DATABASE  # usage: a SQLite path or postgresql:// URL
     redis_url: str | None = None  # limits shared by several brokers
@@ -129,7 +127,10 @@ class Settings:
     admin_key_digests: tuple[bytes, ...] = ()
     allowed_paths: frozenset[str] = frozenset()  # extra POST paths any connector may be sent
     warnings: tuple[str, ...] = ()
+    resume_grace: float = 30.0  # a connector that lost its connections may resume within this
+    sessions_per_token: int = 16  # more registrations on one token are refused (a stolen token's flood)
     queue_timeout: float = 2.0  # how long a request may wait for a free slot before 429
+    limits: Limits = DEFAULT_LIMITS  # what one session may hold (wire.limits)
     ping_interval: float = 15.0  # also the connector's heartbeat; silence for 3 of them = dead
     poll_lifetime: float = 300.0  # each poll ends after this long; the connector polls again
     model_refresh: float = 60.0  # how often a connector's LLM is asked for its models again

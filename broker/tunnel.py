@@ -1,30 +1,39 @@
-"""A connector's session on the broker: its outbound frames and its requests in flight.
+"""A connector's session on the broker: the I/O around its BrokerConnection state machine.
 
-The poll endpoint drains ``Session.outbox``; reply endpoints feed ``Session.deliver``;
-the relay waits on each ``Exchange``'s event queue. All three meet only here.
+The poll endpoint writes what ``next_write`` returns; uplink endpoints feed ``receive``;
+each relay waits on its ``Exchange``'s event queue. The protocol's rules live in
+wire.protocol; this class only moves bytes and wakes the tasks that wait for them.
 """
 
 import asyncio
-import itertools
+import logging
 import secrets
 import time
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 from broker.config import ConnectorSpec
-from wire import INITIAL_CREDIT, Cancel, Chunk, End, Frame, Head, Hello, Ping, Request
+from wire import (
+    ACK_DELAY,
+    BrokerConnection,
+    Chunk,
+    Coalescer,
+    Drain,
+    End,
+    Frame,
+    Head,
+    Hello,
+    Inbound,
+    Limits,
+    Pong,
+    ProtocolError,
+)
 from wire.frames import Headers
 
-_request_ids = itertools.count(1)
+log = logging.getLogger("remotellm.tunnel")
 
-Interruption = Literal["connector_lost", "user_gone", "credit_overrun"]
-
-# Reply bytes a connector may have sent beyond what the user read before the broker
-# gives up on it: its credit, and as much again for frames already on the way.
-MAX_AHEAD = 2 * INITIAL_CREDIT
-
-
-# Stands in the outbox for the one pending echo until the poll takes it.
-_EchoPing = Ping(0.0)
+Interruption = Literal["connector_lost", "user_gone", "protocol_error"]
+VIOLATIONS_LOGGED_EVERY = 1000
 
 
 class Interrupt:
@@ -42,71 +51,132 @@ ReplyEvent = Head | Chunk | End | Interrupt
 class Exchange:
     """One request in flight on one connector."""
 
-    __slots__ = ("buffered", "events", "id", "session")
+    __slots__ = ("events", "id", "session")
 
-    def __init__(self, session: "Session") -> None:
-        self.id = next(_request_ids)
+    def __init__(self, session: "Session", request_id: int) -> None:
+        self.id = request_id
         self.session = session
         self.events: asyncio.Queue[ReplyEvent] = asyncio.Queue()
-        self.buffered = 0  # body bytes received, not yet sent to the user
+
+    def consumed(self, size: int) -> None:
+        """The user took ``size`` bytes of the reply: the one way credit goes back."""
+        self.session.consumed(self.id, size)
 
 
 class Session:
-    """A registered connector instance, from register until it is lost, reaped, revoked,
-    replaced by its own re-registration, or leaves."""
+    """A registered connector instance: from register until it leaves, is revoked, replaced,
+    or stays away longer than the resume grace. Its polls and uplinks may come and go."""
 
-    def __init__(self, spec: ConnectorSpec, hello: Hello) -> None:
-        self.id = secrets.token_urlsafe(18)
+    def __init__(self, spec: ConnectorSpec, hello: Hello, limits: Limits) -> None:
+        self.credential = secrets.token_urlsafe(32)  # the resume credential: never logged
         self.spec = spec
         self.hello = hello
         self.offered: frozenset[str] = frozenset()  # what the connector can serve
         self.refused: frozenset[str] = frozenset()  # what it offered but may not serve
         self.protocol = "?"
         self.connected_at = time.time()
-        self.in_flight = 0
+        self.conn = BrokerConnection(limits)
         self.exchanges: dict[int, Exchange] = {}
         self.poll_generation = 0
         self.polling = False
-        self.unpolled_since = time.monotonic()
-        self.last_seen = time.monotonic()  # any sign of life: a poll, a reply, a heartbeat
-        self.leaving = False  # the connector said goodbye: no new requests
-        self.last_pong = 0.0
+        self.detached_since = time.monotonic()  # no poll since then
+        self.last_seen = time.monotonic()  # any sign of life: a poll, an uplink byte
+        self.leaving = False  # the connector or the broker said goodbye: no new requests
         self.closed = False
-        self._outbox: list[Frame] = []
-        self._echo_queued = False  # at most one Ping echo waits in the outbox: a Pong flood queues nothing
-        self.replies_open = 0  # reply streams open at once (bounded by the endpoint)
+        self.violations = 0  # request-level protocol errors so far
         self._wake = asyncio.Event()
+        self._coalescer = Coalescer()
+        self._ack_by: float | None = None  # when an acknowledgement owed must leave
 
     # Endpoint protocol of the router
     @property
-    def max_concurrent(self) -> int | None:
-        return self.spec.max_concurrent
+    def in_flight(self) -> int:
+        return len(self.exchanges)
+
+    @property
+    def max_concurrent(self) -> int:
+        """The configured cap (none by default: the LLM queues), never past the stream limit."""
+        configured, streams = self.spec.max_concurrent, self.conn.limits.max_streams
+        return streams if configured is None else min(configured, streams)
 
     @property
     def name(self) -> str:
         return self.spec.name
 
-    def send(self, frame: Frame) -> None:
-        self._outbox.append(frame)
+    # --- what the session is ------------------------------------------------
+
+    def renew(self, spec: ConnectorSpec) -> None:
+        """The token's entry after a reload (its key, allowlist or limits may have changed)."""
+        self.spec = spec
+
+    def offer(self, models: frozenset[str]) -> None:
+        """What the connector can serve (from its Hello, or listed from its LLM)."""
+        self.offered = models
+
+    def refuse(self, models: frozenset[str]) -> bool:
+        """Offered models it may not serve; True when that set changed (worth a log line)."""
+        changed = models != self.refused
+        self.refused = models
+        return changed
+
+    def leave(self) -> None:
+        """Route nothing new here: the connector or this broker is leaving."""
+        self.leaving = True
+
+    # --- requests -----------------------------------------------------------
+
+    def open(self, method: str, path: str, query: str, headers: Headers, body: bytes) -> Exchange:
+        """Send a request to the connector, with this connector's LLM key (an exchange that
+        is over at once if the session cannot take it)."""
+        try:
+            request_id = self.conn.open(method, path, query, headers, body, self.spec.llm_api_key)
+        except ProtocolError as exc:
+            self._give_up(exc)
+            exchange = Exchange(self, 0)
+            exchange.events.put_nowait(Interrupt("connector_lost"))
+            return exchange
+        exchange = self.exchanges[request_id] = Exchange(self, request_id)
         self._wake.set()
+        return exchange
 
-    def ping(self) -> Ping:
-        return Ping(time.time(), self.last_pong)
+    def finish(self, exchange: Exchange, *, cancel: bool) -> None:
+        if self.exchanges.pop(exchange.id, None) is not None and cancel and not self.closed:
+            self._intent(self.conn.cancel, exchange.id)
 
-    def echo(self, ping_sent: float) -> None:
-        """Answer a heartbeat with a Ping, unless one is already waiting to leave (it will
-        carry the newest echo: its ``pong`` is read when the poll takes it)."""
-        self.touch()
-        self.last_pong = ping_sent
-        if not self._echo_queued:
-            self._echo_queued = True
-            self.send(_EchoPing)
+    def consumed(self, request_id: int, size: int) -> None:
+        self._intent(self.conn.consumed, request_id, size)
 
-    def touch(self) -> None:
-        self.last_seen = time.monotonic()
+    def models(self, models: list[str]) -> None:
+        self._intent(self.conn.models, models)
 
-    def attach_poll(self) -> int:
-        """A new poll takes over; the previous one (if any) ends after its current write."""
+    def drain(self, reason: str) -> None:
+        """This broker is leaving: no new requests; the connector is told to go elsewhere."""
+        self.leave()
+        self._intent(self.conn.drain, reason)
+
+    def _intent(self, intent: Callable[..., None], *args: Any) -> None:
+        """Queue a frame and wake the poll; a connector that has acknowledged nothing for
+        ``max_unacked`` frames is given up on."""
+        try:
+            intent(*args)
+        except ProtocolError as exc:
+            self._give_up(exc)
+            return
+        if self.conn.wants_write:  # (most consumed bytes queue no Credit yet: no wake-up)
+            self._wake.set()
+
+    def _give_up(self, exc: ProtocolError) -> None:
+        log.warning("connector %s: %s; its session ends", self.name, exc)
+        self.close()  # (the reaper drops it)
+
+    # --- the poll -------------------------------------------------------------
+
+    def attach_poll(self, received: int, protocol: str) -> int:
+        """A new poll takes over, saying how many frames the connector has; everything
+        after those goes out again on it. Raises ProtocolError on an impossible count."""
+        self.conn.acknowledge(received)
+        self.protocol = protocol
+        self.conn.rewind()
         self.poll_generation += 1
         self.polling = True
         self.touch()
@@ -114,72 +184,117 @@ class Session:
         return self.poll_generation
 
     def detach_poll(self, generation: int) -> None:
-        if generation == self.poll_generation:
+        """The poll of this generation is over (or its connection gone): the resume grace runs."""
+        if generation == self.poll_generation and self.polling:
             self.polling = False
-            self.unpolled_since = time.monotonic()
+            self.detached_since = time.monotonic()
+            self._wake.set()
 
-    async def next_frames(self, generation: int, timeout: float, until: float) -> list[Frame] | None:
-        """Frames for the poll of this generation: a Ping after ``timeout`` of silence,
-        None once the poll is over (replaced, closed, or past ``until``)."""
-        deadline = min(time.monotonic() + timeout, until)
-        while not self._outbox and not self.closed and generation == self.poll_generation:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+    def first_write(self) -> bytes:
+        """At once when a poll opens: some proxies hold the response head until body bytes flow."""
+        return self._write(force=True)
+
+    async def next_write(self, generation: int, idle: float, until: float) -> bytes | None:
+        """The next write for the poll of this generation: frames as soon as there are any
+        (acknowledgements a little later), a Ping after ``idle`` seconds of silence, None
+        once the poll is over (replaced, closed, or past ``until``)."""
+        conn = self.conn
+        deadline = min(time.monotonic() + idle, until)
+        while not conn.wants_write and not self.closed and self._current(generation):
+            if not await self._wait(min(deadline, self._ack_deadline())):
                 break
-            self._wake.clear()  # a wake-up that brought nothing for this poll: wait on
-            try:
-                await asyncio.wait_for(self._wake.wait(), remaining)
-            except TimeoutError:
-                break
-        if self.closed or generation != self.poll_generation:
+        if self.closed or not self._current(generation):
             return None
-        frames, self._outbox = self._outbox, []
-        if frames:
-            if self._echo_queued:  # the echo leaves now, carrying the newest heartbeat
-                self._echo_queued = False
-                frames = [self.ping() if frame is _EchoPing else frame for frame in frames]
-            return frames
-        return None if time.monotonic() >= until else [self.ping()]
+        if conn.wants_write:
+            await self._coalesce()
+        elif not conn.ack_owed:
+            if time.monotonic() >= until:
+                return None
+            if not conn.ping(time.time()):
+                return self._write(force=True)  # the last Ping is unanswered: a keepalive
+        return self._write()
 
-    def wake(self) -> None:
-        self._wake.set()
+    def _write(self, *, force: bool = False) -> bytes:
+        self._ack_by = None  # (every write acknowledges what arrived)
+        return self.conn.data_to_send(force=force)
 
-    def open(self, method: str, path: str, query: str, headers: Headers, body: bytes) -> Exchange:
-        """Send a request to the connector, with this connector's LLM key."""
-        exchange = Exchange(self)
-        self.exchanges[exchange.id] = exchange
-        self.in_flight += 1
-        self.send(Request(exchange.id, method, path, query, headers, body, self.spec.llm_api_key))
-        return exchange
+    def _ack_deadline(self) -> float:
+        """When what arrived must be acknowledged, at the latest (inf: nothing owed)."""
+        if not self.conn.ack_owed:
+            return float("inf")
+        if self._ack_by is None:
+            self._ack_by = time.monotonic() + ACK_DELAY
+        return self._ack_by
 
-    def finish(self, exchange: Exchange, *, cancel: bool) -> None:
-        if self.exchanges.pop(exchange.id, None) is None:
-            return
-        self.in_flight -= 1
-        if cancel and not self.closed:
-            self.send(Cancel(exchange.id))
-
-    def deliver(self, frame: Head | Chunk | End) -> bool:
-        """Route a reply frame to its exchange; False if it is not one of ours (any more)."""
-        exchange = self.exchanges.get(frame.id)
-        if exchange is None:
+    async def _wait(self, until: float) -> bool:
+        """Wait for a wake-up until ``until`` (monotonic); False once that time came."""
+        remaining = until - time.monotonic()
+        if remaining <= 0:
             return False
-        if isinstance(frame, Chunk):
-            exchange.buffered += len(frame.data)
-            if exchange.buffered > MAX_AHEAD:  # a connector that ignores its credit
-                exchange.events.put_nowait(Interrupt("credit_overrun"))
-                return True
-        exchange.events.put_nowait(frame)
+        self._wake.clear()  # a wake-up that brought nothing for this poll: wait on
+        try:
+            async with asyncio.timeout(remaining):
+                await self._wake.wait()
+        except TimeoutError:
+            return False
         return True
 
-    def interrupt(self, request_id: int, reason: Interruption) -> None:
-        exchange = self.exchanges.get(request_id)
+    async def _coalesce(self) -> None:
+        """Hold a write that follows the last one closely, so frames ready meanwhile join it."""
+        delay = self._coalescer.delay(time.monotonic())
+        if delay:
+            await asyncio.sleep(delay)
+        self._coalescer.wrote(time.monotonic())
+
+    def _current(self, generation: int) -> bool:
+        return generation == self.poll_generation and self.polling
+
+    # --- the uplink -------------------------------------------------------------
+
+    def inbound(self) -> Inbound:
+        """A reader for one new uplink body."""
+        return self.conn.inbound()
+
+    def receive(self, reader: Inbound, data: bytes) -> list[Drain]:
+        """Frames from an uplink go to their exchanges; returns the Drains for the caller.
+        A broken request fails alone; raises ProtocolError when the session is at fault."""
+        self.touch()
+        drains: list[Drain] = []
+        owed = self.conn.ack_owed
+        reader.feed_each(data, lambda event: self._dispatch(event, drains), self._violated)
+        if self.conn.ack_owed and not owed:  # the poll writer learns an acknowledgement is due
+            self._wake.set()
+        return drains
+
+    def _dispatch(self, event: Frame, drains: list[Drain]) -> None:
+        kind = type(event)
+        if kind is Chunk or kind is Head or kind is End:
+            exchange = self.exchanges.get(event.id)  # type: ignore[union-attr]
+            if exchange is not None:  # (None: the relay gave up on it, its Cancel is out)
+                exchange.events.put_nowait(event)  # type: ignore[arg-type]
+        elif kind is Pong:
+            self.conn.ping(time.time())  # echoed at once: the connector's proof its uploads arrive
+            self._wake.set()
+        elif kind is Drain:
+            drains.append(event)  # type: ignore[arg-type]
+
+    def _violated(self, exc: ProtocolError) -> None:
+        assert exc.request_id is not None
+        self.violations += 1
+        if self.violations == 1 or self.violations % VIOLATIONS_LOGGED_EVERY == 0:  # a flood is not a log flood
+            log.warning("connector %s broke the protocol (%d times): %s", self.name, self.violations, exc)
+        self.conn.cancel(exc.request_id)
+        self._wake.set()
+        exchange = self.exchanges.get(exc.request_id)
         if exchange is not None:
-            exchange.events.put_nowait(Interrupt(reason))
+            exchange.events.put_nowait(Interrupt("protocol_error"))
+
+    def touch(self) -> None:
+        self.last_seen = time.monotonic()
 
     def close(self) -> None:
-        """The connector is gone: every request in flight fails now."""
+        """The connector is gone for good: every request in flight fails now."""
         self.closed = True
         self._wake.set()
-        for request_id in list(self.exchanges):
-            self.interrupt(request_id, "connector_lost")
+        for exchange in self.exchanges.values():
+            exchange.events.put_nowait(Interrupt("connector_lost"))

@@ -6,26 +6,20 @@ import time
 
 from broker.asgi import ClientGone, Receive, Scope, Send, header, read_body
 from broker.errors import send_error
-from broker.hub import Hub, Refused
+from broker.hub import Hub
+from broker.sessions import Refused
 from broker.tunnel import Session
 from wire import (
     FRAMES_CONTENT_TYPE,
-    PARTIAL_HEADER,
+    RECEIVED_HEADER,
     SESSION_HEADER,
     SHORT_POLL_QUERY,
-    Chunk,
-    Drain,
-    End,
-    Frame,
-    FrameDecoder,
     FrameError,
-    Head,
     Hello,
-    Pong,
+    ProtocolError,
     Welcome,
     decode_all,
     encode,
-    encode_many,
 )
 
 log = logging.getLogger("remotellm.tunnel")
@@ -35,8 +29,6 @@ _FRAMES_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 _HELLO_LIMIT = 1024 * 1024
-# A reply frame holds at most a credit's worth of body, or a head: far below this.
-MAX_REPLY_FRAME = 1024 * 1024
 SHORT_POLL_WAIT = 5.0  # an idle short poll returns after this long (or the ping interval)
 
 
@@ -60,10 +52,17 @@ async def _session(hub: Hub, scope: Scope, send: Send) -> Session | None:
     if spec is None:
         await _refuse_token(hub, send, scope)
         return None
-    session = hub.session_of(spec, header(scope, SESSION_HEADER.encode()))
+    session = hub.sessions.find(spec, header(scope, SESSION_HEADER.encode()))
     if session is None:  # a valid token with a session this broker forgot: register again
         await send_error(send, 401, "unknown_session", "Unknown or expired session; register again.")
     return session
+
+
+async def _refuse_frames(hub: Hub, session: Session, send: Send, exc: ProtocolError) -> None:
+    """The connector broke the protocol as a whole: its session ends."""
+    log.warning("connector %s sent bad frames: %s", session.name, exc)
+    hub.sessions.drop(session, "protocol error")
+    await send_error(send, 400, "invalid_frames", "The frames break the tunnel protocol.")
 
 
 async def register(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
@@ -80,122 +79,98 @@ async def register(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None
         await send_error(send, 400, "invalid_request", "The body must be exactly one Hello frame.")
         return
     try:
-        session = hub.register(spec, frames[0], _remote(scope))
+        session = hub.sessions.register(spec, frames[0], _remote(scope))
     except Refused as exc:
         log.warning("connector %s refused: %s", spec.name, exc)
         await send_error(send, exc.status, exc.code, str(exc))
         return
-    body = encode(Welcome(session.id, hub.settings.ping_interval))
+    settings = hub.settings
+    body = encode(Welcome(session.credential, settings.ping_interval, settings.resume_grace))
     await send({"type": "http.response.start", "status": 200, "headers": _FRAMES_HEADERS})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _received(scope: Scope) -> int | None:
+    """The poll's count of frames the connector has (None: not a count)."""
+    value = header(scope, RECEIVED_HEADER.encode()) or "0"
+    return int(value) if value.isdigit() and len(value) < 20 else None
 
 
 async def poll(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
     session = await _session(hub, scope, send)
     if session is None:
         return
+    received = _received(scope)
     protocol = "h2" if scope.get("http_version") == "2" else "http/1.1"
-    if scope.get("query_string", b"").decode("latin-1") == SHORT_POLL_QUERY:
-        await _short_poll(hub, session, send, protocol)
+    short = scope.get("query_string", b"").decode("latin-1") == SHORT_POLL_QUERY
+    try:
+        if received is None:
+            raise ProtocolError(f"{RECEIVED_HEADER} is not a count")
+        generation = hub.poll_attached(session, received, protocol + (" short-poll" if short else ""))
+    except ProtocolError as exc:
+        await _refuse_frames(hub, session, send, exc)
         return
-    generation = hub.poll_attached(session, protocol)
+    if short:
+        await _short_poll(hub, session, send, generation)
+        return
     await send({"type": "http.response.start", "status": 200, "headers": _FRAMES_HEADERS})
     lost = asyncio.Event()
-    watcher = asyncio.ensure_future(_watch(receive, hub, session, generation, lost))
+    watcher = asyncio.ensure_future(_watch(receive, session, generation, lost))
     settings = hub.settings
     until = time.monotonic() + settings.poll_lifetime
-    # A first frame at once: some proxies hold the response head until body bytes flow.
-    frames: list[Frame] | None = [session.ping()]
+    data: bytes | None = session.first_write()
     try:
-        while frames is not None:
-            await send({"type": "http.response.body", "body": encode_many(frames), "more_body": True})
+        while data is not None:
+            await send({"type": "http.response.body", "body": data, "more_body": True})
             if lost.is_set():
                 break
-            frames = await session.next_frames(generation, settings.ping_interval, until)
+            data = await session.next_write(generation, settings.ping_interval, until)
     finally:
         watcher.cancel()
-        session.detach_poll(generation)
+        session.detach_poll(generation)  # the session waits for the next poll (a resume)
     if not lost.is_set():
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def _short_poll(hub: Hub, session: Session, send: Send, protocol: str) -> None:
+async def _short_poll(hub: Hub, session: Session, send: Send, generation: int) -> None:
     """A poll that returns as soon as it has frames, for paths that buffer whole responses."""
-    generation = hub.poll_attached(session, protocol + " short-poll")
     wait = min(hub.settings.ping_interval, SHORT_POLL_WAIT)
     try:
-        frames = await session.next_frames(generation, wait, time.monotonic() + wait)
+        data = await session.next_write(generation, wait, time.monotonic() + wait)
     finally:
         session.detach_poll(generation)
-    body = encode_many(frames or [session.ping()])
     await send({"type": "http.response.start", "status": 200, "headers": _FRAMES_HEADERS})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    await send({"type": "http.response.body", "body": data or session.first_write(), "more_body": False})
 
 
-async def _watch(receive: Receive, hub: Hub, session: Session, generation: int, lost: asyncio.Event) -> None:
-    """The poll's connection went away: the connector with it, unless a newer poll took over."""
+async def _watch(receive: Receive, session: Session, generation: int, lost: asyncio.Event) -> None:
+    """The poll's connection went away: the session stays, for the connector to resume."""
     while (await receive())["type"] != "http.disconnect":
         pass
     lost.set()
-    if generation == session.poll_generation:
-        hub.drop(session, "tunnel lost")  # wakes the poll loop, fails the requests in flight
+    session.detach_poll(generation)
 
 
 async def reply(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
-    """One streamed body of reply frames; each goes to its exchange as it arrives."""
+    """One body of the uplink (streamed, or one of a series of short ones); each frame goes
+    to its request as it arrives. A body cut short loses nothing: the connector sends
+    again what was not acknowledged."""
     session = await _session(hub, scope, send)
     if session is None:
         return
-    if session.replies_open >= hub.settings.max_replies_per_session:
-        await send_error(send, 429, "too_many_replies", "Too many reply streams open for this session.")
-        return
-    session.replies_open += 1
-    try:
-        await _read_reply(hub, session, scope, receive, send)
-    finally:
-        session.replies_open -= 1
-
-
-async def _read_reply(hub: Hub, session: Session, scope: Scope, receive: Receive, send: Send) -> None:
-    decoder = FrameDecoder(MAX_REPLY_FRAME)
-    unfinished: set[int] = set()
-    status = 204
+    reader = session.inbound()
     try:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                status = 0
-                break
-            if session.closed:  # revoked, replaced or reaped: nothing it sends counts any more
-                status = 401
-                break
-            session.touch()
-            for frame in decoder.feed(message.get("body", b"")):
-                if isinstance(frame, End):
-                    session.deliver(frame)
-                    unfinished.discard(frame.id)  # also for requests already over (cancelled)
-                elif isinstance(frame, (Head, Chunk)):
-                    if session.deliver(frame):
-                        unfinished.add(frame.id)
-                elif isinstance(frame, Pong):
-                    hub.heartbeat(session, frame)
-                elif isinstance(frame, Drain):
-                    hub.retire(session, frame.reason)
-                else:
-                    raise FrameError(f"unexpected {type(frame).__name__} frame in a reply")
+                return
+            for drain in session.receive(reader, message.get("body", b"")):
+                hub.sessions.retire(session, drain.reason)
             if not message.get("more_body", False):
-                decoder.finish()
+                reader.finish()
                 break
-    except FrameError as exc:
-        log.warning("connector %s sent a bad reply: %s", session.name, exc)
-        status = 400
-    if status != 204 or header(scope, PARTIAL_HEADER.encode()) is None:
-        for request_id in unfinished:
-            session.interrupt(request_id, "connector_lost")
-    if status == 400:
-        await send_error(send, 400, "invalid_frames", "The reply body is not a valid frame stream.")
-    elif status == 401:
-        await send_error(send, 401, "unknown_session", "This session is over; register again.")
-    elif status:
-        await send({"type": "http.response.start", "status": 204, "headers": []})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except ProtocolError as exc:
+        await _refuse_frames(hub, session, send, exc)
+        return
+    await send({"type": "http.response.start", "status": 204, "headers": []})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})

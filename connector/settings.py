@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import httpx
 from argparse_dataclass import ArgumentParser
 
+from wire import DEFAULT_LIMITS
+
 
 class SettingsError(ValueError):
     pass
@@ -30,6 +32,9 @@ class ConnectorArgs:
     ca_certs: str | None = field(
         default=None, metadata={"type": str, "metavar": "FILE", "help": "extra CA bundle for the broker"}
     )
+    max_requests: int | None = field(
+        default=None, metadata={"type": int, "metavar": "N", "help": "requests run at once; more are refused (4096)"}
+    )
 
 
 def parse_cli(argv: list[str], prog: str = "python -m connector") -> ConnectorArgs:
@@ -51,6 +56,7 @@ class Settings:
     health_port: int = 0
     proxy: str | None = None
     ca_certs: str | None = None
+    max_requests: int = DEFAULT_LIMITS.max_streams  # a broker asking for more at once is refused
 
     def __repr__(self) -> str:  # the token must not reach a log or a traceback
         return f"Settings(broker_url={self.public_broker_url!r}, llm_url={self.llm_url!r}, models={self.models!r})"
@@ -94,7 +100,16 @@ def resolve(args: ConnectorArgs | None, env: Mapping[str, str]) -> Settings:
     ca_certs = args.ca_certs or env.get("REMOTELLM_CA_CERTS") or None
     if ca_certs is not None and not os.path.isfile(ca_certs):
         raise SettingsError(f"--ca-certs: no such file: {ca_certs}")
+    max_requests = args.max_requests
+    if max_requests is None:
+        try:
+            max_requests = int(env.get("REMOTELLM_MAX_REQUESTS") or DEFAULT_LIMITS.max_streams)
+        except ValueError:
+            raise SettingsError("REMOTELLM_MAX_REQUESTS must be a number") from None
+    if max_requests < 1:
+        raise SettingsError("--max-requests must be at least 1")
     return Settings(
+        max_requests=max_requests,
         broker_url=broker_url,
         token=pick(args.token, "REMOTELLM_CONNECTOR_TOKEN", "--token"),
         llm_url=llm_url,

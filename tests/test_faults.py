@@ -12,11 +12,12 @@ import httpx
 import pytest
 
 from tests.faultrelay import FaultRelay
-from tests.support import Stack, free_port, wait_until
+from tests.support import Stack, free_port, rss_kib, wait_until
 from wire import (
     REGISTER_PATH,
     REPLY_PATH,
     SESSION_HEADER,
+    Batch,
     Chunk,
     End,
     FrameDecoder,
@@ -28,7 +29,8 @@ from wire import (
 )
 
 USER = {"authorization": "Bearer sk-user"}
-FAST = {"REMOTELLM_PING_INTERVAL": "0.5"}
+# Quick pings, and a dead connector's session does not wait long for a resume.
+FAST = {"REMOTELLM_PING_INTERVAL": "0.5", "REMOTELLM_RESUME_GRACE": "0.5"}
 CONFIG = """
 connectors:
   - name: one
@@ -47,14 +49,6 @@ def body(stream: bool = False, **fake: object) -> dict[str, object]:
 def fake_state(llm: str) -> dict[str, object]:
     state: dict[str, object] = httpx.get(llm + "/_fake/state").json()
     return state
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def test_a_frozen_connector_is_dropped_and_recovers(stack: Stack) -> None:
@@ -259,7 +253,8 @@ def test_a_connector_cannot_answer_another_connectors_request(stack: Stack) -> N
             )
             await asyncio.sleep(0.3)
             forged = encode_many(
-                [Head(i, 200, [("x-forged", "yes")]) for i in range(1, 200)]
+                [Batch(0, 0)]
+                + [Head(i, 200, [("x-forged", "yes")]) for i in range(1, 200)]
                 + [Chunk(i, b"forged") for i in range(1, 200)]
                 + [End(i) for i in range(1, 200)]
             )
@@ -278,12 +273,13 @@ def test_garbage_in_the_tunnel_is_refused_and_the_broker_serves_on(stack: Stack)
     broker = stack.broker(CONFIG, env=FAST)
     stack.connector(broker.url, "tok-one", stack.llm("m"), "m")
     broker.wait_models("m")
-    session = register(broker.url, "tok-two", "other")
-    headers = {"authorization": "Bearer tok-two", SESSION_HEADER: session}
     for garbage in (b"\x00\x00\x00\x05\xc1\xc1\xc1\xc1\xc1", b"\xff\xff\xff\xff", encode(Hello("x", "0", []))):
+        headers = {"authorization": "Bearer tok-two", SESSION_HEADER: register(broker.url, "tok-two", "other")}
         resp = httpx.post(broker.url + REPLY_PATH, content=garbage, headers=headers)
         assert resp.status_code == 400
         assert resp.json()["error"]["code"] == "invalid_frames"
+        # The session that sent it is over.
+        assert httpx.post(broker.url + REPLY_PATH, content=b"", headers=headers).status_code == 401
     assert httpx.post(broker.url + REGISTER_PATH, content=b"junk", headers=headers).status_code == 400
     huge = {"x-big": "a" * 100_000, **USER}
     assert httpx.post(broker.url + "/v1/chat/completions", json=body(), headers=huge).status_code >= 400
@@ -337,7 +333,7 @@ def test_a_black_holed_path_is_noticed_both_ways_and_healed(stack: Stack) -> Non
         started = time.monotonic()
         wait_until(lambda: broker.health()["connectors"] == 0, timeout=5, what="the broker to drop it")
         wait_until(lambda: "tunnel down" in connector.log(), timeout=5, what="the connector to notice")
-        assert time.monotonic() - started < 4
+        assert time.monotonic() - started < 4  # (3 pings of silence, and the resume grace)
         relay.restore()
         broker.wait_models("m", connectors=1, timeout=15)
         assert httpx.post(broker.url + "/v1/chat/completions", json=body(), headers=USER).status_code == 200

@@ -455,6 +455,24 @@ def test_buffering_proxy_still_completes_requests(
         assert time.monotonic() - started < BUFFERED_DEADLINE
 
 
+def test_buffering_proxy_from_the_very_first_request(
+    stack: Stack, proxies: Proxies, tmp_path: Path, ca: trustme.CA
+) -> None:
+    """A request routed the moment the connector registers goes out on a poll the proxy
+    holds; the connector finds the path buffers, polls short on the same session, and the
+    request frame is sent again there: the request completes, once."""
+    site = Site(stack, tmp_path, ca, "https", env=FAST)
+    mitm = proxies.mitmproxy(stream=False, upstream_ca=site.cafile)
+    broker = site.start()
+    llm = stack.llm(MODEL)
+    start_connector(stack, broker.url, llm, proxy=mitm.url, ca_certs=mitm.ca_cert)
+    broker.wait_models(MODEL, timeout=20)  # routed at its first poll: before any detection
+    started = time.monotonic()
+    check_routing(broker, timeout=BUFFERED_DEADLINE)
+    assert time.monotonic() - started < BUFFERED_DEADLINE
+    assert httpx.get(llm + "/_fake/state").json()["requests"] == 1
+
+
 def test_a_proxy_holding_uploads_switches_replies_to_short_posts(
     stack: Stack, proxies: Proxies, tmp_path: Path, ca: trustme.CA
 ) -> None:

@@ -63,8 +63,12 @@ def test_user_disconnect_before_the_head_cancels_too(stack: Stack) -> None:
     wait_until(lambda: fake_state(llm)["cancelled"] == 1, timeout=5, what="the LLM to see the disconnect")
 
 
-def test_connector_killed_mid_stream_ends_the_stream_at_once(stack: Stack) -> None:
-    broker = stack.broker(CONFIG)
+# A connector's death looks like a lost connection: its session waits this long for a resume.
+SHORT_GRACE = {"REMOTELLM_RESUME_GRACE": "1"}
+
+
+def test_connector_killed_mid_stream_ends_the_stream_once_the_resume_grace_is_over(stack: Stack) -> None:
+    broker = stack.broker(CONFIG, env=SHORT_GRACE)
     llm = stack.llm("m")
     connector = stack.connector(broker.url, "tok-solo", llm, "m")
     broker.wait_models("m")
@@ -82,7 +86,7 @@ def test_connector_killed_mid_stream_ends_the_stream_at_once(stack: Stack) -> No
 
 
 def test_connector_killed_before_the_head_is_502(stack: Stack) -> None:
-    broker = stack.broker(CONFIG)
+    broker = stack.broker(CONFIG, env=SHORT_GRACE)
     llm = stack.llm("m")
     connector = stack.connector(broker.url, "tok-solo", llm, "m")
     broker.wait_models("m")
@@ -242,15 +246,24 @@ def test_many_concurrent_streams_through_one_connector(stack: Stack, count: int)
 @pytest.mark.slow
 def test_3000_sequential_requests_over_one_tunnel(stack: Stack) -> None:
     """Past hypercorn's default of 1000 requests per connection (then GOAWAY): polls are
-    recycled every few milliseconds here, so the tunnel makes thousands of requests too."""
+    recycled every few milliseconds here, so the tunnel makes thousands of requests too.
+
+    The verdict counts events, not time: requests go on until 3000 of them are answered
+    and the tunnel has made more than 1000 polls, however long a slow machine takes for
+    that (bounded by a request count, never by a clock)."""
     url, _ = start(stack, "m", env={"REMOTELLM_POLL_LIFETIME": "0.005"})
+
+    def polls() -> int:
+        metrics = httpx.get(url + "/metrics").text
+        return int(re.search(r'remotellm_tunnel_polls_total\{connector="solo"\} (\d+)', metrics)[1])  # type: ignore[index]
+
+    sent = 0
     with httpx.Client(base_url=url, headers=USER, timeout=10) as client:
-        statuses = [client.post("/v1/chat/completions", json=body(chunks=1)).status_code for _ in range(3000)]
-    assert statuses == [200] * 3000
-    polls = int(
-        re.search(r'remotellm_tunnel_polls_total\{connector="solo"\} (\d+)', httpx.get(url + "/metrics").text)[1]
-    )
-    assert polls > 1000
+        while sent < 3000 or polls() <= 1000:
+            assert sent < 30_000, f"only {polls()} polls after {sent} requests"
+            for _ in range(100):
+                assert client.post("/v1/chat/completions", json=body(chunks=1)).status_code == 200
+            sent += 100
     broker_log = stack.procs[0].log()
     assert broker_log.count("registered") == 1, "the connector had to reconnect"
     assert "dropped" not in broker_log
@@ -269,7 +282,7 @@ def test_sigterm_stops_the_connector_and_broker_stops_routing(stack: Stack) -> N
 
 
 def test_a_cut_http2_stream_is_reset_and_its_connection_lives_on(stack: Stack) -> None:
-    """hypercorn forgets an unfinished h2 stream; broker.h2_reset makes the cut visible at once."""
+    """hypercorn forgets an unfinished h2 stream; broker.hypercorn_fixes makes the cut visible at once."""
     url, _ = start(stack, "m", env={"REMOTELLM_IDLE_TIMEOUT": "1"})
     with httpx.Client(http1=False, http2=True, timeout=10, headers=USER) as client:
         payload = body(stream=True, chunks=3, delay_ms=4000)

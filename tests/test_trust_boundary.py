@@ -29,7 +29,7 @@ from broker.edge import CanonicalTarget
 from connector import __main__ as connector_main
 from connector.llm import Forbidden, LLMClient
 from tests.recorder import Recorder
-from tests.support import BrokerHandle, Stack, free_port, wait_until
+from tests.support import BrokerHandle, Stack, wait_until
 from wire import Request
 
 USER_KEY = "sk-user-trust"
@@ -492,49 +492,3 @@ def test_the_connector_warns_about_a_cleartext_broker_elsewhere(
     with caplog.at_level(logging.WARNING, logger="remotellm.connector"):
         connector_main._warn_cleartext(url)
     assert any("clear text" in r.getMessage() for r in caplog.records) is warned
-
-
-def test_a_hostile_broker_gets_refusals_and_the_tunnel_stays_up(stack: Stack, tmp_path: Path) -> None:
-    """Forged frames from the broker: foreign origins, odd methods, a repeated id. The
-    connector answers each with an error reply (or drops the repeat), reaches nothing
-    but its own LLM under its base, and keeps its one registration."""
-    llm, canary = Recorder().start(), Recorder().start()
-    c = canary.host
-    frames = [
-        {"id": 1, "method": "POST", "path": f"/v1/%2Fv1%2F@{c}/x"},
-        {"id": 2, "method": "POST", "path": f"http://{c}/v1/chat/completions"},
-        {"id": 3, "method": "POST", "path": "/v1/../api/create"},
-        {"id": 4, "method": "CONNECT", "path": "/v1/chat/completions"},
-        {"id": 5, "method": "POST", "path": "/v1/chat/completions", "headers": [["x-a", "b\r\nHost: evil"]]},
-        {"id": 6, "method": "POST", "path": "/v1/chat/completions"},
-        {"id": 6, "method": "POST", "path": "/v1/chat/completions"},
-    ]
-    (tmp_path / "frames.json").write_text(json.dumps(frames))
-    seen = tmp_path / "seen.jsonl"
-    seen.touch()
-    port = free_port()
-    env = {"HOSTILE_FRAMES": str(tmp_path / "frames.json"), "HOSTILE_SEEN": str(seen)}
-    hostile = stack.spawn(
-        "hostile-broker",
-        [sys.executable, "-m", "hypercorn", "tests.hostile_broker:app", "-b", f"127.0.0.1:{port}", "-w", "1"],
-        env,
-    )
-    try:
-        wait_until(lambda: hostile.alive and socket.create_connection(("127.0.0.1", port), timeout=1).close() is None)
-        stack.connector(f"http://127.0.0.1:{port}", "tok", llm.url + BASE, "m", name="connector-under-attack")
-
-        def ends() -> dict[int, str | None]:
-            lines = [json.loads(line) for line in seen.read_text().splitlines()]
-            return {e["id"]: e["error"] for e in lines if e.get("kind") == "End"}
-
-        found = wait_until(lambda: len(ends()) >= 6 and ends(), what="an end for every request")
-        assert {i: found[i] for i in range(1, 6)} == dict.fromkeys(range(1, 6), "forbidden")
-        assert found[6] is None  # served once, by the LLM under its base
-        assert [(s.method, s.target) for s in llm.requests] == [("POST", BASE + "/v1/chat/completions")]
-        assert canary.connections == 0
-        registrations = [line for line in seen.read_text().splitlines() if '"register"' in line]
-        assert len(registrations) == 1, "the connector dropped its tunnel"
-        assert "request 6 refused: its id is already in flight" in stack.logs()
-    finally:
-        llm.stop()
-        canary.stop()

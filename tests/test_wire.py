@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from wire import (
     MAX_FRAME_SIZE,
     PROTOCOL_VERSION,
+    Batch,
+    Body,
     Cancel,
     Chunk,
     Credit,
@@ -56,6 +58,12 @@ EXAMPLES: list[Frame] = [
     Credit(9, 262_144),
     Pong(0.0),
     Pong(1712345678.5),
+    Batch(0, 0),
+    Batch(2**40, 17),
+    Body(10, b"upload part", True),
+    Body(10, b"", False),
+    Request(11, "POST", "/v1/audio/transcriptions", "", [], b"", more_body=True),
+    Welcome("credential", 15.0, 30.0),
 ]
 
 

@@ -7,11 +7,12 @@ REGISTER_PATH = "/tunnel/v1/register"  # POST a Hello frame, get a Welcome frame
 POLL_PATH = "/tunnel/v1/poll"  # GET: a streaming response of broker → connector frames
 REPLY_PATH = "/tunnel/v1/reply"  # POST: a streaming body of reply frames (the connector's uplink)
 
+# The resume credential of Welcome.session: with the token, it names the session.
 SESSION_HEADER = "x-remotellm-session"
+# On a poll: how many broker frames the connector has received; the rest is sent again.
+RECEIVED_HEADER = "x-remotellm-received"
 # Either side takes the other for dead after this many ping intervals without a sign of life.
 DEAD_AFTER_PINGS = 3
-# A reply body that carries only part of its requests' frames: more follow in later bodies.
-PARTIAL_HEADER = "x-remotellm-partial"
 # A poll the broker ends as soon as it has frames (for paths that buffer whole responses).
 SHORT_POLL_QUERY = "mode=short"
 FRAMES_CONTENT_TYPE = "application/x-remotellm-frames"

@@ -2,7 +2,10 @@
 
 Frames are array-like msgspec Structs with small integer tags: a token-sized chunk
 costs a few bytes of envelope and well under a microsecond to encode or decode.
-Request ids are integers chosen by the broker, unique per broker process.
+Request ids are integers chosen by the broker, increasing within a session.
+Every frame after registration belongs to a session and is numbered by its place in
+its direction (0, 1, 2, ...): a ``Batch`` opens each write and names the number of the
+frame after it, so no frame carries its own (see wire/protocol.py for the rules).
 Header names and values are ``str`` holding latin-1 decoded bytes, so any byte
 sequence survives the round trip exactly.
 """
@@ -11,7 +14,7 @@ from typing import Literal
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 Headers = list[tuple[str, str]]
 
@@ -23,6 +26,7 @@ ErrorKind = Literal[
     "cancelled",  # the broker asked to cancel
     "forbidden",  # the connector refused the request: a method, path or header outside its bounds
     "internal",  # a bug in the connector
+    "refused",  # the connector would not run it: a reused request id, too many at once, draining
 ]
 
 
@@ -44,14 +48,24 @@ class Hello(_Frame, tag=1):
 
 
 class Welcome(_Frame, tag=2):
-    """Broker → connector answer to Hello: the session that polls and replies name."""
+    """Broker → connector answer to Hello.
+
+    ``session`` is the resume credential: polls and uplinks present it with the token,
+    and with both a connector that lost its connections resumes the same session within
+    ``resume_grace`` seconds. It is a secret, bound to the token that registered.
+    """
 
     session: str
     ping_interval: float
+    resume_grace: float = 30.0
 
 
 class Request(_Frame, tag=3):
-    """Broker → connector: one HTTP request to replay against the LLM."""
+    """Broker → connector: one HTTP request to replay against the LLM.
+
+    With ``more_body`` the body goes on in ``Body`` frames, as the connector's credit
+    allows (an upload streamed through, never buffered whole).
+    """
 
     id: int
     method: str
@@ -60,6 +74,7 @@ class Request(_Frame, tag=3):
     headers: Headers
     body: bytes
     llm_api_key: str | None = None
+    more_body: bool = False
 
     def __repr__(self) -> str:  # the LLM key and the body stay out of logs and tracebacks
         return f"Request(id={self.id}, method={self.method!r}, path={self.path!r}, body={len(self.body)} bytes)"
@@ -127,10 +142,11 @@ class Models(_Frame, tag=10):
 
 
 class Credit(_Frame, tag=11):
-    """Broker → connector: the user consumed ``bytes`` more of this reply; send that much more.
+    """Either way: the receiver of a body consumed ``bytes`` more of it; send that much more.
 
-    Per-request flow control: a slow reader holds back its own reply at the connector,
-    never the broker's memory or the other replies sharing its connection.
+    Broker → connector: the user read that much of the reply. Connector → broker: the
+    LLM took that much of the request body. Per-request flow control: a slow reader holds
+    back its own body at the sender, never the other's memory or the other requests.
     """
 
     id: int
@@ -143,7 +159,31 @@ class Pong(_Frame, tag=12):
     ping_sent: float
 
 
-Frame = Hello | Welcome | Request | Head | Chunk | End | Cancel | Ping | Drain | Models | Credit | Pong
+class Batch(_Frame, tag=13):
+    """Either way, first in every write of a session.
+
+    ``seq`` is the number of the frame that follows it (later ones count on from there);
+    ``ack`` is how many frames of the other direction the sender has received. A Batch
+    alone is an acknowledgement.
+    """
+
+    seq: int
+    ack: int
+
+
+class Body(_Frame, tag=14):
+    """Broker → connector: more of a request body (``Request.more_body``); ``more``
+    is False on the last piece."""
+
+    id: int
+    data: bytes
+    more: bool = True
+
+
+Frame = Hello | Welcome | Request | Head | Chunk | End | Cancel | Ping | Drain | Models | Credit | Pong | Batch | Body
 
 # Bytes of reply body a connector may send ahead of the user's reading.
 INITIAL_CREDIT = 128 * 1024
+# Bytes of request body the broker may send ahead of the LLM's reading: larger, because
+# an upload is one long transfer whose speed is this window per round trip.
+UPLOAD_CREDIT = 1024 * 1024

@@ -1,4 +1,4 @@
-"""broker.h2_patches against a real hypercorn: what it advertises, and what a cut stream does."""
+"""broker.hypercorn_fixes against a real hypercorn: what it advertises, and what it refuses."""
 
 import socket
 
@@ -6,8 +6,10 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.settings
+import pytest
 
-from broker.h2_patches import CONNECTION_WINDOW_EXTRA, STREAM_WINDOW
+from broker import hypercorn_fixes
+from broker.hypercorn_fixes import CONNECTION_WINDOW_EXTRA, STREAM_WINDOW
 from tests.support import Stack
 
 
@@ -34,3 +36,21 @@ def test_hypercorn_advertises_large_receive_windows(stack: Stack) -> None:
     (update,) = [e for e in events if isinstance(e, h2.events.WindowUpdated)]
     assert update.stream_id == 0
     assert update.delta == CONNECTION_WINDOW_EXTRA
+
+
+def test_an_untested_hypercorn_refuses_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hypercorn_fixes, "version", lambda name: "0.99.0")
+    with pytest.raises(hypercorn_fixes.UnsupportedHypercorn, match=r"hypercorn 0\.99\.0 is untested"):
+        hypercorn_fixes.install(lambda scope, receive, send: None)  # type: ignore[arg-type,return-value]
+
+
+def test_building_the_app_patches_nothing() -> None:
+    from hypercorn.protocol.h2 import H2Protocol
+
+    from broker.server import create_app
+    from broker.settings import Settings
+
+    if getattr(H2Protocol, "_remotellm_patched", False):
+        pytest.skip("an earlier test in this process installed the fixes")
+    create_app(Settings())
+    assert not getattr(H2Protocol, "_remotellm_patched", False)

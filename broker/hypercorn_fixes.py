@@ -1,0 +1,154 @@
+"""Everything this broker needs hypercorn to do differently, in one place, installed by the
+serving entry points (``python -m broker``, ``broker.app``), never by building the app.
+
+- **Supported versions only.** The patches below touch hypercorn's private internals, so
+  an untested hypercorn refuses to start (setup.cfg pins the same range).
+- **Reset cut streams.** hypercorn just forgets a stream whose ASGI app ended without
+  finishing its response: no END_STREAM, no RST_STREAM. The client waits until the whole
+  connection idles out, and every other stream on it dies with it. The relay ends a broken
+  response this way on purpose (a truncated stream must not look complete), so such a
+  stream is reset instead.
+- **Larger receive windows.** hypercorn advertises HTTP/2's default 64 KiB windows and
+  offers no setting; a connector's uplink, which carries every reply of the connector,
+  then stalls for tens of milliseconds at a time. Streams get 4 MiB and the connection
+  16 MiB more. Memory stays bounded: the uplink is read at once, and per-request credit
+  bounds what each reply may send ahead.
+- **Drain unread request bodies** (hypercorn #329): DATA arriving for a stream whose
+  handler already finished tears down the whole HTTP/2 connection — for the tunnel, every
+  poll and uplink of a connector. So no response ends before its request body did.
+- **No request limit per connection.** hypercorn sends GOAWAY after 1000 requests on a
+  connection by default (a setting of its Config only): ``python -m broker`` lifts it.
+"""
+
+import asyncio
+import contextlib
+from importlib.metadata import version
+from typing import Any
+
+import h2.errors
+import h2.exceptions
+import h2.settings
+import priority.priority
+from hypercorn.config import Config
+from hypercorn.protocol.events import StreamClosed
+from hypercorn.protocol.h2 import H2Protocol
+
+from broker.asgi import ASGIApp, Message, Receive, Scope, Send
+
+# Tested hypercorn releases (setup.cfg: hypercorn>=0.17,<0.19).
+TESTED_VERSIONS = ("0.17.", "0.18.")
+STREAM_WINDOW = 4 * 1024 * 1024
+CONNECTION_WINDOW_EXTRA = 16 * 1024 * 1024
+KEEP_ALIVE_MAX_REQUESTS = 2**31  # a tunnel connection carries requests for days
+BACKLOG = 1024  # hypercorn's 100 is below a burst of a few hundred new users
+BODY_DRAIN_TIMEOUT = 10.0  # an upload we refuse is still read to its end, for at most this long
+
+
+class UnsupportedHypercorn(RuntimeError):
+    """The installed hypercorn is not one these fixes were tested on."""
+
+
+def install(app: ASGIApp) -> ASGIApp:
+    """Patch hypercorn (once) and wrap the app; raises UnsupportedHypercorn on an untested one."""
+    hypercorn_version = version("hypercorn")
+    if not hypercorn_version.startswith(TESTED_VERSIONS):
+        raise UnsupportedHypercorn(
+            f"hypercorn {hypercorn_version} is untested (supported: {', '.join(v + 'x' for v in TESTED_VERSIONS)})"
+        )
+    if not getattr(H2Protocol, "_remotellm_patched", False):
+        _reset_cut_streams()
+        _enlarge_windows()
+        H2Protocol._remotellm_patched = True  # type: ignore[attr-defined]
+    return DrainBody(app)
+
+
+def configure(config: Config) -> Config:
+    """The hypercorn settings a long-lived tunnel needs (for ``python -m broker``)."""
+    config.keep_alive_max_requests = KEEP_ALIVE_MAX_REQUESTS
+    config.backlog = BACKLOG
+    return config
+
+
+def _reset_cut_streams() -> None:
+    original = H2Protocol.stream_send
+
+    async def stream_send(self: H2Protocol, event: Any) -> None:
+        if isinstance(event, StreamClosed):
+            buffer = self.stream_buffers.get(event.stream_id)
+            if buffer is not None and not buffer._complete:
+                with contextlib.suppress(h2.exceptions.ProtocolError):  # the client reset it first
+                    self.connection.reset_stream(event.stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+                # What hypercorn itself does when a send fails on a closed stream:
+                await buffer.close()
+                del self.stream_buffers[event.stream_id]
+                with contextlib.suppress(priority.priority.MissingStreamError):
+                    self.priority.remove_stream(event.stream_id)
+                await self._flush()
+        await original(self, event)
+
+    H2Protocol.stream_send = stream_send  # type: ignore[method-assign]
+
+
+def _enlarge_windows() -> None:
+    original_init = H2Protocol.__init__
+    original_initiate = H2Protocol.initiate
+
+    def __init__(self: H2Protocol, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        # A fresh Settings object: values assigned to an existing one stay pending (unsent).
+        current: dict[Any, int] = dict(self.connection.local_settings)
+        self.connection.local_settings = h2.settings.Settings(
+            client=False, initial_values={**current, h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW}
+        )
+
+    async def initiate(self: H2Protocol, *args: Any, **kwargs: Any) -> None:
+        # The SETTINGS frame (with the stream window) goes out with the connection preface;
+        # the connection window can only grow by a WINDOW_UPDATE right after it.
+        original_connection_initiate = self.connection.initiate_connection
+
+        def initiate_connection() -> None:
+            original_connection_initiate()
+            self.connection.increment_flow_control_window(CONNECTION_WINDOW_EXTRA)
+
+        self.connection.initiate_connection = initiate_connection  # type: ignore[method-assign]
+        await original_initiate(self, *args, **kwargs)
+
+    H2Protocol.__init__ = __init__  # type: ignore[method-assign]
+    H2Protocol.initiate = initiate  # type: ignore[method-assign]
+
+
+class DrainBody:
+    """Reads what is left of a request body before the final response message.
+
+    hypercorn tears down a whole HTTP/2 connection when DATA arrives for a stream
+    whose handler already finished (hypercorn #329) — for the tunnel that is every
+    poll and reply of a connector. So no response ends before its request body did.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        body_done = False
+
+        async def tracking_receive() -> Message:
+            nonlocal body_done
+            message = await receive()
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        async def draining_send(message: Message) -> None:
+            if not body_done and message["type"] == "http.response.body" and not message.get("more_body"):
+                try:
+                    async with asyncio.timeout(BODY_DRAIN_TIMEOUT):
+                        while not body_done:
+                            await tracking_receive()
+                except TimeoutError:
+                    pass
+            await send(message)
+
+        await self.app(scope, tracking_receive, draining_send)

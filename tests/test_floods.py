@@ -1,0 +1,202 @@
+"""A hostile holder of a connector token floods the broker; its memory stays bounded (RSS
+measured) and it serves its users on.
+
+One broker (``python -m broker``: one process, so its RSS is the broker's), one real
+connector serving "m", and a hand-driven hostile connector on its own token.
+"""
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import httpx
+import pytest
+
+from tests.support import BrokerHandle, Stack, rss_kib
+from wire import (
+    FRAMES_CONTENT_TYPE,
+    INITIAL_CREDIT,
+    POLL_PATH,
+    REGISTER_PATH,
+    REPLY_PATH,
+    SESSION_HEADER,
+    Batch,
+    Chunk,
+    Frame,
+    FrameDecoder,
+    Head,
+    Hello,
+    Pong,
+    Request,
+    Welcome,
+    encode,
+    encode_many,
+)
+
+USER = {"authorization": "Bearer sk-user"}
+CONFIG = """
+connectors:
+  - name: real
+    token: tok-real
+    models: [m]
+  - name: hostile
+    token: tok-evil
+    models: [evil]
+"""
+GROWTH_LIMIT_KIB = 40 * 1024  # what a flood may add to the broker's RSS
+FLOOD_BYTES = 64 * 1024 * 1024  # each flood sends at least this much
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerHandle]:
+    stack = Stack(tmp_path_factory.mktemp("floods"))
+    try:
+        handle = stack.broker(CONFIG, via="module", env={"REMOTELLM_PING_INTERVAL": "1"})
+        stack.connector(handle.url, "tok-real", stack.llm("m"), "m")
+        handle.wait_models("m")
+        yield handle
+    except BaseException:
+        print(stack.logs()[-20000:])
+        raise
+    finally:
+        stack.close()
+
+
+def serves(broker: BrokerHandle) -> bool:
+    resp = httpx.post(broker.url + "/v1/chat/completions", json={"model": "m", "messages": []}, headers=USER)
+    return resp.status_code == 200
+
+
+def headers(session: str = "") -> dict[str, str]:
+    found = {"authorization": "Bearer tok-evil", "content-type": FRAMES_CONTENT_TYPE}
+    if session:
+        found[SESSION_HEADER] = session
+    return found
+
+
+def register(broker: BrokerHandle, models: list[str], connector_id: str = "evil") -> httpx.Response:
+    return httpx.post(broker.url + REGISTER_PATH, content=encode(Hello(connector_id, "0", models)), headers=headers())
+
+
+def session_of(resp: httpx.Response) -> str:
+    assert resp.status_code == 200, resp.text
+    [welcome] = FrameDecoder().feed(resp.content)
+    assert isinstance(welcome, Welcome)
+    return welcome.session
+
+
+def repeated(frame: Frame, total: int) -> Iterator[bytes]:
+    """``frame`` over and over, numbered from 0, in writes of about 1 MiB."""
+    one = encode(frame)
+    per_write = max(1, 1024 * 1024 // len(one))
+    yield encode(Batch(0, 0))
+    for _ in range(max(1, total // (per_write * len(one)))):
+        yield one * per_write
+
+
+def flood(broker: BrokerHandle, send: "Flood") -> int:
+    """The broker's RSS growth over the flood, in KiB, checking it serves afterwards."""
+    before = rss_kib(broker.proc.pid)
+    send(broker)
+    growth = rss_kib(broker.proc.pid) - before
+    print(f"broker RSS {before} KiB, grew {growth} KiB")  # (figures for the record, with -s)
+    assert serves(broker)
+    assert broker.proc.alive
+    return growth
+
+
+Flood = Callable[[BrokerHandle], None]
+
+
+def test_a_pong_flood_queues_no_pings(broker: BrokerHandle) -> None:
+    def send(broker: BrokerHandle) -> None:
+        session = session_of(register(broker, ["evil"]))
+        resp = httpx.post(
+            broker.url + REPLY_PATH, content=repeated(Pong(1.0), FLOOD_BYTES), headers=headers(session), timeout=60
+        )
+        assert resp.status_code == 204
+
+    assert flood(broker, send) < GROWTH_LIMIT_KIB
+
+
+def test_frames_for_requests_never_sent_cost_nothing(broker: BrokerHandle) -> None:
+    def send(broker: BrokerHandle) -> None:
+        session = session_of(register(broker, ["evil"]))
+        forged = Chunk(7, b"x" * 1000)
+        resp = httpx.post(
+            broker.url + REPLY_PATH, content=repeated(forged, FLOOD_BYTES), headers=headers(session), timeout=60
+        )
+        assert resp.status_code == 204
+
+    assert flood(broker, send) < GROWTH_LIMIT_KIB
+    assert broker.proc.log().count("broke the protocol") < 1000  # logged, not once per frame
+
+
+def test_an_oversize_reply_frame_is_refused_before_it_is_buffered(broker: BrokerHandle) -> None:
+    def send(broker: BrokerHandle) -> None:
+        session = session_of(register(broker, ["evil"]))
+        huge = encode_many([Batch(0, 0), Chunk(1, b"x" * (32 * 1024 * 1024))])
+        resp = httpx.post(broker.url + REPLY_PATH, content=huge, headers=headers(session), timeout=60)
+        assert resp.status_code == 400
+
+    assert flood(broker, send) < GROWTH_LIMIT_KIB
+
+
+def test_a_reply_beyond_its_credit_fails_that_request_and_holds_nothing(broker: BrokerHandle) -> None:
+    """The hostile connector polls, takes a real user request, and pours a reply far past
+    its credit: the user's stream is cut, the broker holds no more than the window."""
+
+    async def scenario(broker: BrokerHandle) -> None:
+        session = session_of(register(broker, ["evil"]))
+        async with httpx.AsyncClient(timeout=60) as client:
+            requests: asyncio.Queue[Request] = asyncio.Queue()
+
+            async def poll() -> None:
+                async with client.stream("GET", broker.url + POLL_PATH, headers=headers(session)) as resp:
+                    decoder = FrameDecoder()
+                    async for data in resp.aiter_raw():
+                        for frame in decoder.feed(data):
+                            if isinstance(frame, Request):
+                                requests.put_nowait(frame)
+
+            polling = asyncio.create_task(poll())
+            await asyncio.sleep(0.5)
+
+            async def user() -> int:
+                async with client.stream(
+                    "POST", broker.url + "/v1/chat/completions", json={"model": "evil"}, headers=USER
+                ) as resp:
+                    with pytest.raises(httpx.RemoteProtocolError):
+                        await resp.aread()
+                    return resp.status_code
+
+            answered = asyncio.create_task(user())
+            request = await asyncio.wait_for(requests.get(), 10)
+
+            async def pour() -> AsyncIterator[bytes]:
+                yield encode_many([Batch(0, 0), Head(request.id, 200, [])])
+                chunk = encode(Chunk(request.id, b"x" * (INITIAL_CREDIT // 2)))
+                for _ in range(FLOOD_BYTES // len(chunk)):
+                    yield chunk
+
+            resp = await client.post(broker.url + REPLY_PATH, content=pour(), headers=headers(session))
+            assert resp.status_code == 204
+            assert await asyncio.wait_for(answered, 10) == 200
+            polling.cancel()
+
+    assert flood(broker, lambda b: asyncio.run(scenario(b))) < GROWTH_LIMIT_KIB
+
+
+def test_sessions_per_token_are_bounded(broker: BrokerHandle) -> None:
+    statuses = [register(broker, ["evil"], connector_id=f"evil-{i}").status_code for i in range(40)]
+    assert statuses.count(200) <= 16
+    assert statuses[-1] == 429
+
+
+@pytest.mark.parametrize(
+    ("models", "why"),
+    [(["x" * 300], "not 1-256 characters"), (["a b"], "not 1-256"), ([f"m{i}" for i in range(5000)], "at most 1024")],
+)
+def test_model_lists_are_bounded(broker: BrokerHandle, models: list[str], why: str) -> None:
+    resp = register(broker, models)
+    assert resp.status_code == 400
+    assert why in resp.json()["error"]["message"]

@@ -1,0 +1,43 @@
+"""Bounds on what a peer may make this side hold: every byte from the other end is hostile."""
+
+import re
+from dataclasses import dataclass
+
+# A model name as OpenAI, Ollama and Hugging Face spell them ("llama3:8b", "org/Model-7B"):
+# visible ASCII, no spaces or quotes (names go into logs, metrics labels and JSON).
+_MODEL_NAME = re.compile(r"[A-Za-z0-9._:/@+\-]{1,256}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one session may hold at once; the defaults suit one LLM box with headroom."""
+
+    # Requests in flight on one session (replies the broker tracks, LLM calls the connector
+    # runs); more are refused. The benchmark holds 1,000 idle streams on one connector.
+    max_streams: int = 4096
+    # Largest frame a connector may send (a Head, a Chunk): reply bodies arrive in LLM-sized
+    # reads, far below this. Requests towards the connector may be larger (wire.MAX_FRAME_SIZE).
+    max_reply_frame: int = 1024 * 1024
+    # Frames sent and not yet acknowledged; a peer that never acknowledges is broken.
+    max_unacked: int = 65536
+    # A connector's model list (Hello, or its LLM's answer to GET /v1/models).
+    max_models: int = 1024
+    max_model_listing: int = 1024 * 1024  # bytes of the LLM's GET /v1/models answer
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def bad_model_name(name: object) -> bool:
+    """Whether a peer-supplied model name is unfit to route by or to log."""
+    return not isinstance(name, str) or _MODEL_NAME.fullmatch(name) is None
+
+
+def check_models(models: list[str], limits: Limits = DEFAULT_LIMITS) -> str | None:
+    """Why a peer's model list is refused, or None when it is fine."""
+    if len(models) > limits.max_models:
+        return f"{len(models)} models (at most {limits.max_models})"
+    bad = next((name for name in models if bad_model_name(name)), None)
+    if bad is not None:
+        return f"model name {bad[:40]!r} is not 1-256 characters of [A-Za-z0-9._:/@+-]"
+    return None
