@@ -356,6 +356,7 @@ async def _respond(exchange: Exchange, send: Send, settings: Settings, out: _Out
             exchange.consumed(len(data))  # the connector may send as many more
         elif isinstance(event, End) and event.error is None:
             out.ended = True
+            out.tokens = Tokens(event.prompt_tokens, event.completion_tokens, event.usage)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return None
         else:
@@ -363,6 +364,8 @@ async def _respond(exchange: Exchange, send: Send, settings: Settings, out: _Out
             # so the user sees a truncated stream rather than a falsely complete one.
             out.ended = isinstance(event, End)
             out.result = _describe(event)
+            if isinstance(event, End):  # failed after the head: still, what was delivered was used
+                out.tokens = Tokens(event.prompt_tokens, event.completion_tokens, event.usage)
             return None
 
 

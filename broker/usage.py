@@ -36,10 +36,11 @@ from broker.database import (
     usage_requests,
 )
 from broker.metrics import UNNAMED, Metrics
+from wire.frames import UsageSource
 
 log = logging.getLogger("remotellm.usage")
 
-TokenSource = Literal["reported", "estimated", "unknown"]
+TokenSource = UsageSource  # one definition: the End frame's
 TOKEN_SOURCES: tuple[TokenSource, ...] = get_args(TokenSource)  # stored as the index
 Group = Literal["user", "model", "connector", "day", "hour"]
 GROUPS: tuple[Group, ...] = get_args(Group)  # also the order of a row's keys

@@ -13,12 +13,14 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+import msgspec
 
 from connector.links import make_client
 from connector.llm import Forbidden, LLMClient
 from connector.path import PathProfile
 from connector.settings import Settings
 from connector.uplink import UplinkError, upload
+from connector.usage_meter import UsageMeter, prepare
 from wire import (
     ACK_DELAY,
     DEAD_AFTER_PINGS,
@@ -374,28 +376,43 @@ class Session:
             task.cancel()
 
     async def _serve(self, request: Request) -> None:
-        """Replay one request on the LLM; its reply frames leave on the uplink."""
+        """Replay one request on the LLM; its reply frames leave on the uplink, and its End
+        carries the tokens the meter read (the client gets the LLM's bytes as it would directly)."""
+        body, meter = prepare(request.method, request.path, request.body)
+        if body is not request.body and not request.more_body:
+            request = msgspec.structs.replace(request, body=body)
         try:
-            error, detail = await self._call_llm(request)
+            error, detail = await self._call_llm(request, meter)
         except asyncio.CancelledError:
             error, detail = "cancelled", ""
+            meter.close()  # a stream cut short: its tokens are estimated from what was delivered
         finally:
             self._credit.pop(request.id, None)
-        self.conn.end(request.id, error, detail)
+        used = meter.result()
+        tokens = (used.prompt_tokens, used.completion_tokens)
+        self.conn.end(request.id, error, detail, tokens=tokens, usage=used.source)
         self._wake.set()
         if error and error != "cancelled":
             log.warning("request %d: %s (%s)", request.id, error, detail)
 
-    async def _call_llm(self, request: Request) -> tuple[ErrorKind | None, str]:
+    async def _call_llm(self, request: Request, meter: UsageMeter) -> tuple[ErrorKind | None, str]:
         conn, request_id = self.conn, request.id
         started = time.perf_counter()
         try:
             async with self.llm.stream(request) as response:
+                meter.start(response.status_code, response.headers.get("content-type"))
                 raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers.raw]
+                if meter.strip:  # the body will be shorter than the LLM said: let it be framed anew
+                    raw = [(k, v) for k, v in raw if k.lower() != "content-length"]
                 conn.send_head(request_id, response.status_code, raw, (time.perf_counter() - started) * 1000)
                 self._wake.set()
                 async for data in response.aiter_raw():
-                    await self._send_chunk(request_id, data)
+                    forward = meter.feed(data)
+                    if forward:
+                        await self._send_chunk(request_id, forward)
+                rest = meter.close()
+                if rest:
+                    await self._send_chunk(request_id, rest)
         except Forbidden as exc:
             return "forbidden", str(exc)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:

@@ -21,10 +21,14 @@ from typing import Any, Literal
 
 import msgspec
 
-Source = Literal["reported", "estimated", "unknown"]
+from wire.frames import UsageSource as Source
 
-MAX_EVENT = 4 << 20  # an SSE event or NDJSON line longer than this ends metering (Ollama's `context` is long)
-MAX_JSON = 8 << 20  # a JSON body longer than this is not parsed for usage
+# An SSE event or NDJSON line longer than this ends metering (usage unknown, bytes pass through):
+# events are small, but a connector holds one per request in flight, hundreds at once.
+MAX_EVENT = 256 << 10
+# A JSON body is parsed whole up to this size; past it only its tail is kept, where usage
+# comes (last in every API's JSON), so a connector never holds whole large answers.
+JSON_TAIL = 64 << 10
 CHARS_PER_TOKEN = 4  # the usual rough ratio, for estimates only
 # Chat and legacy completions accept stream_options (OpenAI, vLLM, llama.cpp, Ollama's /v1).
 USAGE_OPTION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
@@ -232,6 +236,7 @@ class UsageMeter:
         self._scanned = 0  # how much of _pending is known to hold no event end
         self._held = b""  # a finished chunk kept until we know whether a usage chunk follows
         self._out: list[bytes] = []  # processed events of the current feed, not yet returned
+        self._json_size = 0  # bytes of a JSON body seen (only its tail is kept past JSON_TAIL)
 
     def start(self, status: int, content_type: str | None) -> None:
         """The response head. Only successful SSE, NDJSON and JSON bodies are metered."""
@@ -272,8 +277,9 @@ class UsageMeter:
     def _feed(self, chunk: bytes) -> bytes:
         self._pending += chunk
         if self._mode == "json":
-            if len(self._pending) > MAX_JSON:
-                raise ValueError("JSON body too large to meter")
+            self._json_size += len(chunk)
+            if len(self._pending) > 2 * JSON_TAIL:  # trimmed in steps: linear however it is cut
+                del self._pending[:-JSON_TAIL]
             return chunk
         event_end = _EVENT_END[self._mode]
         # Events are cut out by offset, and the buffer trimmed once: many tiny events stay linear.
@@ -335,11 +341,51 @@ class UsageMeter:
 
     def _finish(self) -> None:
         if self._mode == "json":
-            obj = _json_object(bytes(self._pending))
+            body = bytes(self._pending)
+            obj = _json_object(body) if self._json_size == len(body) else _tail_usage(body)
             if obj is not None:
                 self._tally.see(obj, complete=True)
         elif self._mode == "ndjson" and self._pending.strip():
             self._line(bytes(self._pending))
+
+
+_OLLAMA_COUNT = re.compile(rb'"(prompt_eval_count|eval_count)"\s*:\s*(\d{1,18})')
+
+
+def _tail_usage(tail: bytes) -> dict[str, Any] | None:
+    """The usage fields found in the tail of a JSON body too large to parse whole."""
+    found: dict[str, Any] = {k.decode(): int(v) for k, v in _OLLAMA_COUNT.findall(tail)}
+    at = tail.rfind(b'"usage"')
+    if at >= 0:
+        usage = _json_object(_balanced(tail, tail.find(b"{", at)))
+        if usage is not None:
+            found["usage"] = usage
+    return found or None
+
+
+def _balanced(data: bytes, start: int) -> bytes:
+    """The JSON object that opens at ``start`` (b"" if it does not close within ``data``)."""
+    if start < 0:
+        return b""
+    depth, in_string, escaped = 0, False, False
+    for index in range(start, len(data)):
+        byte = data[index]
+        if in_string:  # a quote ends the string unless a backslash escaped it
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte == 0x7B:
+            depth += 1
+        elif byte == 0x7D:
+            depth -= 1
+            if depth == 0:
+                return data[start : index + 1]
+    return b""
 
 
 _MODES: dict[str, Literal["sse", "ndjson", "json", "pass"]] = {

@@ -210,3 +210,60 @@ def test_wrong_user_key_is_refused(cluster: RealCluster) -> None:
         assert refused.value.code == "invalid_api_key"
     # The right key still works on the same stack.
     assert MODEL in {model.id for model in cluster.client.models.list()}
+
+
+# --- the other API families, and usage, against the real server ------------------------------
+
+
+def test_responses_create_with_the_openai_sdk(cluster: RealCluster) -> None:
+    response = cluster.client.responses.create(model=MODEL, input="Say hello.", max_output_tokens=16, temperature=0)
+    assert response.output_text.strip()
+
+
+def test_messages_with_the_anthropic_sdk_and_an_x_api_key(cluster: RealCluster) -> None:
+    import anthropic  # the test extra has it
+
+    client = anthropic.Anthropic(base_url=cluster.broker.url, api_key=USER_KEY, max_retries=0, timeout=30)
+    question = [{"role": "user", "content": "Say hello."}]
+    message = client.messages.create(model=MODEL, max_tokens=16, messages=question)  # type: ignore[arg-type]
+    assert message.content and message.usage.output_tokens > 0
+    with client.messages.stream(model=MODEL, max_tokens=16, messages=question) as stream:  # type: ignore[arg-type]
+        assert "".join(stream.text_stream).strip()
+    assert client.messages.count_tokens(model=MODEL, messages=question).input_tokens > 0  # type: ignore[arg-type]
+    raw = httpx.post(
+        cluster.broker.url + "/v1/messages",
+        json={"model": MODEL, "max_tokens": 8, "messages": question},
+        headers={"x-api-key": USER_KEY, "anthropic-version": "2023-06-01"},
+        timeout=30,
+    )
+    assert raw.status_code == 200 and raw.json()["type"] == "message"
+
+
+def test_a_stream_through_the_bridge_is_metered_exactly_as_the_llm_reports(cluster: RealCluster) -> None:
+    """The client did not ask for usage: it gets none, and the usage recorded is llama.cpp's own count."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Count to five."}], "max_tokens": 24,
+            "temperature": 0, "stream": True}  # fmt: skip
+    direct = httpx.post(
+        cluster.llm.url + "/v1/chat/completions",
+        json={**body, "stream_options": {"include_usage": True}},
+        headers={"authorization": f"Bearer {LLM_KEY}"},
+        timeout=60,
+    )
+    last = [line for line in direct.text.splitlines() if line.startswith("data: {")][-1]
+    reported = httpx.Response(200, content=last.removeprefix("data: ")).json()["usage"]
+
+    def used() -> dict[str, int]:
+        rows = httpx.get(
+            cluster.broker.url + "/v1/usage?group_by=user", headers={"authorization": f"Bearer {USER_KEY}"}
+        )
+        data = rows.json()["data"]
+        return {k: int(v) for k, v in data[0].items() if k != "user"} if data else {}
+
+    before = used()
+    through = httpx.post(cluster.broker.url + "/v1/chat/completions", json=body,
+                         headers={"authorization": f"Bearer {USER_KEY}"}, timeout=60)  # fmt: skip
+    assert through.status_code == 200 and b'"usage"' not in through.content
+    wait_until(lambda: used().get("requests", 0) > before.get("requests", 0), what="the usage row")
+    after = used()
+    assert after["prompt_tokens"] - before.get("prompt_tokens", 0) == reported["prompt_tokens"]
+    assert after["completion_tokens"] - before.get("completion_tokens", 0) == reported["completion_tokens"]

@@ -279,3 +279,23 @@ def test_many_events_in_one_chunk_and_one_byte_chunks() -> None:
         meter = stripping_meter()
         assert run(meter, pieces) == expected
         assert meter.result() == Usage(7, 2, "reported")
+
+
+def test_a_large_json_answer_is_metered_from_its_tail_with_bounded_memory() -> None:
+    """Usage comes last in every API's JSON: a connector keeps only the tail of a large body."""
+    from connector.usage_meter import JSON_TAIL
+
+    text = 'x\\"}{' * 200_000  # escaped quotes and braces in a long string do not fool the tail
+    body = (
+        b'{"id": "a", "choices": [{"message": {"content": "' + text.encode() + b'"}}], '
+        b'"usage": {"prompt_tokens": 11, "completion_tokens": 22, "details": {"cached": 0}}}'
+    )
+    meter = UsageMeter()
+    meter.start(200, "application/json")
+    held = 0
+    for start in range(0, len(body), 4096):
+        assert meter.feed(body[start : start + 4096]) == body[start : start + 4096]
+        held = max(held, len(meter._pending))
+    assert meter.close() == b""
+    assert meter.result() == Usage(11, 22, "reported")
+    assert held <= 2 * JSON_TAIL + 4096

@@ -116,6 +116,7 @@ def test_usage_is_recorded_per_user_and_read_back_by_whom_it_may_be(team: Team) 
     wait_until(lambda: carols() == 50, what="the usage of all 50 to be written")
     by_user = {(r["user"], r["model"]): r for r in rows()}
     assert by_user[("carol", "m")]["requests"] == 10  # the 40 refused count under the unrouted label
+    assert by_user[("carol", "m")]["total_tokens"] > 0
     assert by_user[("bob", "other")]["requests"] >= 1
     assert (None, "other") in by_user  # unnamed keys appear as user: null
     own = team.usage("sk-alice").json()["data"]
@@ -179,3 +180,26 @@ def test_no_connector_cap_unless_configured(stack: Stack) -> None:
     for thread in threads:
         thread.join(90)
     assert statuses == [200] * 64
+
+
+def test_a_stream_is_metered_and_the_client_gets_what_the_llm_sends_unasked(team: Team) -> None:
+    """The connector asks the LLM for usage on the client's behalf and strips it again."""
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "four words of prompt"}],
+            "fake": {"chunks": 7}}  # fmt: skip
+    through = httpx.post(team.broker.url + "/v1/chat/completions", json=body, headers=auth("sk-bob"), timeout=20)
+    assert through.status_code == 200
+    assert b'"usage"' not in through.content and through.content.endswith(b"data: [DONE]\n\n")
+    asked = {**body, "stream_options": {"include_usage": True}}
+    with_usage = httpx.post(team.broker.url + "/v1/chat/completions", json=asked, headers=auth("sk-bob"), timeout=20)
+    assert with_usage.content.count(b'"usage"') == 1  # asked for: relayed as the LLM sent it
+
+    def bobs() -> dict[str, int]:
+        rows = team.usage("sk-bob", "group_by=user").json()["data"]
+        return {k: int(v) for k, v in rows[0].items() if k != "user"} if rows else {}
+
+    before = bobs()
+    assert httpx.post(team.broker.url + "/v1/chat/completions", json=body, headers=auth("sk-bob")).status_code == 200
+    wait_until(lambda: bobs().get("requests", 0) == before.get("requests", 0) + 1, what="the usage row")
+    after = bobs()
+    assert after["completion_tokens"] - before.get("completion_tokens", 0) == 7
+    assert after["prompt_tokens"] - before.get("prompt_tokens", 0) == 4

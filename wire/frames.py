@@ -18,6 +18,9 @@ PROTOCOL_VERSION = 2
 
 Headers = list[tuple[str, str]]
 
+# How a request's token counts are known (End.usage).
+UsageSource = Literal["reported", "estimated", "unknown"]
+
 # Why a reply ended early. The broker maps each kind to the OpenAI error it returns
 # (before the response head) or to a terminated stream (after it).
 ErrorKind = Literal[
@@ -101,11 +104,18 @@ class Chunk(_Frame, tag=5):
 
 
 class End(_Frame, tag=6):
-    """Connector → broker: the reply is over; ``error`` says why if it failed."""
+    """Connector → broker: the reply is over; ``error`` says why if it failed.
+
+    The tokens are what the connector read from the LLM's answer: ``reported`` by the LLM,
+    ``estimated`` from what was delivered (a stream cut short), or ``unknown``.
+    """
 
     id: int
     error: ErrorKind | None = None
     detail: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    usage: UsageSource = "unknown"
 
 
 class Cancel(_Frame, tag=7):

@@ -46,6 +46,7 @@ from wire.frames import (
     Ping,
     Pong,
     Request,
+    UsageSource,
 )
 from wire.framing import MAX_FRAME_SIZE, FrameDecoder, FrameError
 from wire.limits import DEFAULT_LIMITS, Limits, check_models
@@ -547,11 +548,14 @@ class ConnectorConnection(_Endpoint):
         job.reply.room -= len(data)
         self._send(Chunk(request_id, data))
 
-    def end(self, request_id: int, error: ErrorKind | None = None, detail: str = "") -> None:
-        """The reply is over (whole, or failed with ``error``)."""
+    def end(
+        self, request_id: int, error: ErrorKind | None = None, detail: str = "", *,
+        tokens: tuple[int, int] = (0, 0), usage: UsageSource = "unknown",
+    ) -> None:  # fmt: skip
+        """The reply is over (whole, or failed with ``error``), with the tokens it used (prompt, completion)."""
         if self._jobs.pop(request_id, None) is None:
             raise ProtocolError("ended twice", request_id)
-        self._send(End(request_id, error, detail))
+        self._send(End(request_id, error, detail, tokens[0], tokens[1], usage))
 
     def consumed(self, request_id: int, size: int) -> None:
         """The LLM took ``size`` bytes of the request body: the broker may send as many more."""
