@@ -83,6 +83,7 @@ class Session:
         self.last_seen = time.monotonic()  # any sign of life: a poll, an uplink byte
         self.leaving = False  # the connector or the broker said goodbye: no new requests
         self.closed = False
+        self.uplinks = 0  # uplink bodies open now
         self.violations = 0  # request-level protocol errors so far
         self._wake = asyncio.Event()
         self._coalescer = Coalescer()
@@ -251,9 +252,16 @@ class Session:
 
     # --- the uplink -------------------------------------------------------------
 
-    def inbound(self) -> Inbound:
-        """A reader for one new uplink body."""
+    def inbound(self) -> Inbound | None:
+        """A reader for one new uplink body; None past the limit of bodies open at once
+        (``done_inbound`` gives the place back)."""
+        if self.uplinks >= self.conn.limits.max_uplinks:
+            return None
+        self.uplinks += 1
         return self.conn.inbound()
+
+    def done_inbound(self) -> None:
+        self.uplinks -= 1
 
     def receive(self, reader: Inbound, data: bytes) -> list[Drain]:
         """Frames from an uplink go to their exchanges; returns the Drains for the caller.

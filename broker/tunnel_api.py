@@ -16,6 +16,7 @@ from wire import (
     SHORT_POLL_QUERY,
     FrameError,
     Hello,
+    Inbound,
     ProtocolError,
     Welcome,
     decode_all,
@@ -159,10 +160,23 @@ async def reply(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
     if session is None:
         return
     reader = session.inbound()
+    if reader is None:
+        await send_error(send, 429, "too_many_uplinks", "Too many uplink bodies open for this session.")
+        return
+    try:
+        await _read_uplink(hub, session, reader, receive, send)
+    finally:
+        session.done_inbound()
+
+
+async def _read_uplink(hub: Hub, session: Session, reader: Inbound, receive: Receive, send: Send) -> None:
     try:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
+                return
+            if session.closed:  # revoked, replaced or reaped: nothing more it sends counts
+                await send_error(send, 401, "unknown_session", "This session is over; register again.")
                 return
             for drain in session.receive(reader, message.get("body", b"")):
                 hub.sessions.retire(session, drain.reason)

@@ -6,13 +6,15 @@ connector serving "m", and a hand-driven hostile connector on its own token.
 """
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import httpx
 import pytest
 
-from tests.support import BrokerHandle, Stack, rss_kib
+from tests.support import BrokerHandle, Stack, rss_kib, wait_until
 from wire import (
+    DEFAULT_LIMITS,
     FRAMES_CONTENT_TYPE,
     INITIAL_CREDIT,
     POLL_PATH,
@@ -33,6 +35,7 @@ from wire import (
 )
 
 USER = {"authorization": "Bearer sk-user"}
+EVIL = "tok-evil"
 CONFIG = """
 connectors:
   - name: real
@@ -40,6 +43,9 @@ connectors:
     models: [m]
   - name: hostile
     token: tok-evil
+    models: [evil]
+  - name: hostile-too
+    token: tok-evil-2
     models: [evil]
 """
 GROWTH_LIMIT_KIB = 40 * 1024  # what a flood may add to the broker's RSS
@@ -66,15 +72,16 @@ def serves(broker: BrokerHandle) -> bool:
     return resp.status_code == 200
 
 
-def headers(session: str = "") -> dict[str, str]:
-    found = {"authorization": "Bearer tok-evil", "content-type": FRAMES_CONTENT_TYPE}
+def headers(session: str = "", token: str = EVIL) -> dict[str, str]:
+    found = {"authorization": f"Bearer {token}", "content-type": FRAMES_CONTENT_TYPE}
     if session:
         found[SESSION_HEADER] = session
     return found
 
 
-def register(broker: BrokerHandle, models: list[str], connector_id: str = "evil") -> httpx.Response:
-    return httpx.post(broker.url + REGISTER_PATH, content=encode(Hello(connector_id, "0", models)), headers=headers())
+def register(broker: BrokerHandle, models: list[str], connector_id: str = "evil", token: str = EVIL) -> httpx.Response:
+    hello = encode(Hello(connector_id, "0", models))
+    return httpx.post(broker.url + REGISTER_PATH, content=hello, headers=headers(token=token))
 
 
 def session_of(resp: httpx.Response) -> str:
@@ -200,3 +207,75 @@ def test_model_lists_are_bounded(broker: BrokerHandle, models: list[str], why: s
     resp = register(broker, models)
     assert resp.status_code == 400
     assert why in resp.json()["error"]["message"]
+
+
+OTHER = "tok-evil-2"  # a token of its own: the sessions test leaves tok-evil at its limit
+
+
+def _registered(broker: BrokerHandle, connector_id: str) -> str:
+    return session_of(register(broker, ["evil"], connector_id, OTHER))
+
+
+def test_uplink_bodies_open_at_once_are_bounded(broker: BrokerHandle) -> None:
+    session = _registered(broker, "evil-uplinks")
+    release = threading.Event()
+    statuses: list[int] = []
+
+    def held() -> Iterator[bytes]:
+        yield encode(Batch(0, 0))
+        release.wait(30)
+
+    def open_one() -> None:
+        with httpx.Client(http1=False, http2=True, timeout=40) as client:
+            statuses.append(
+                client.post(broker.url + REPLY_PATH, content=held(), headers=headers(session, OTHER)).status_code
+            )
+
+    threads = [threading.Thread(target=open_one, daemon=True) for _ in range(DEFAULT_LIMITS.max_uplinks)]
+    try:
+        for thread in threads:
+            thread.start()
+        probe = encode(Batch(0, 0))
+        refused = wait_until(
+            lambda: (
+                (r := httpx.post(broker.url + REPLY_PATH, content=probe, headers=headers(session, OTHER))).status_code
+                == 429
+                and r
+            ),
+            what="one uplink too many refused",
+        )
+        assert refused.json()["error"]["code"] == "too_many_uplinks"
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(40)
+    assert len(statuses) == DEFAULT_LIMITS.max_uplinks and 429 not in statuses
+
+
+def test_an_uplink_of_a_session_that_is_over_counts_for_nothing(broker: BrokerHandle) -> None:
+    session = _registered(broker, "evil-replaced")
+    replaced = threading.Event()
+    sent_after = 0
+
+    def body() -> Iterator[bytes]:
+        nonlocal sent_after
+        yield encode(Batch(0, 0))
+        replaced.wait(30)
+        for _ in range(20):
+            sent_after += 1
+            yield encode(Pong(1.0))
+
+    result: list[httpx.Response] = []
+
+    def upload() -> None:
+        with httpx.Client(http1=False, http2=True, timeout=40) as client:
+            result.append(client.post(broker.url + REPLY_PATH, content=body(), headers=headers(session, OTHER)))
+
+    thread = threading.Thread(target=upload, daemon=True)
+    thread.start()
+    wait_until(lambda: sent_after == 0 and thread.is_alive(), what="the upload to start")
+    assert register(broker, ["evil"], "evil-replaced", OTHER).status_code == 200  # the old session is dropped
+    replaced.set()
+    thread.join(40)
+    assert result and result[0].status_code == 401, result
+    assert result[0].json()["error"]["code"] == "unknown_session"

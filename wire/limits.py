@@ -23,6 +23,9 @@ class Limits:
     # A connector's model list (Hello, or its LLM's answer to GET /v1/models).
     max_models: int = 1024
     max_model_listing: int = 1024 * 1024  # bytes of the LLM's GET /v1/models answer
+    # Uplink bodies open at once: a connector keeps one (a few overlap while a proxy batches);
+    # each holds a frame buffer, so they are counted, not left to the number of connections.
+    max_uplinks: int = 8
 
 
 DEFAULT_LIMITS = Limits()
