@@ -17,10 +17,34 @@ DISCOVERY_RETRY_MAX = 60.0
 
 
 class _ModelList(msgspec.Struct):
+    """OpenAI's GET /v1/models."""
+
     class _Model(msgspec.Struct):
         id: str
 
     data: list[_Model]
+
+    def names(self) -> list[str]:
+        return [model.id for model in self.data]
+
+
+class _OllamaTags(msgspec.Struct):
+    """Ollama's GET /api/tags: the listing of a server without /v1/models."""
+
+    class _Model(msgspec.Struct):
+        name: str
+
+    models: list[_Model]
+
+    def names(self) -> list[str]:
+        return [model.name for model in self.models]
+
+
+# Where a server lists its models, in the order asked: OpenAI's route, then Ollama's own.
+_LISTINGS: tuple[tuple[str, type[_ModelList] | type[_OllamaTags]], ...] = (
+    ("/v1/models", _ModelList),
+    ("/api/tags", _OllamaTags),
+)
 
 
 def allowlisted(settings: Settings) -> frozenset[str]:
@@ -83,19 +107,16 @@ class ModelPlacement:
             await asyncio.sleep(self.settings.model_refresh)
 
     async def _list_models(self, session: Session, finish: Finish) -> frozenset[str] | None:
-        exchange = session.open("GET", "/v1/models", "", [("accept", "application/json")], b"")
-        ended = False
+        """The LLM's models from /v1/models, or from Ollama's /api/tags where that is absent."""
+        for path, kind in _LISTINGS:
+            listing = kind
+            status, body = await self._get(session, path, finish)
+            if status != 404:
+                break
         limits = self.settings.limits
         try:
-            async with asyncio.timeout(DISCOVERY_TIMEOUT):
-                status, body, ended = await _collect(exchange, limits.max_model_listing)
-        except TimeoutError:
-            status, body = 0, b""
-        finally:
-            finish(exchange, cancel=not ended)
-        try:
             if status == 200:
-                models = [m.id for m in msgspec.json.decode(body, type=_ModelList).data]
+                models = msgspec.json.decode(body, type=listing).names()
                 why = check_models(models, limits)
                 if why is None:
                     return frozenset(models)
@@ -105,6 +126,19 @@ class ModelPlacement:
             pass
         log.warning("connector %s: listing the LLM's models failed (status %s)", session.name, status)
         return None
+
+    async def _get(self, session: Session, path: str, finish: Finish) -> tuple[int, bytes]:
+        """A small GET through the tunnel: its status (0: failed) and body, bounded in size and time."""
+        exchange = session.open("GET", path, "", [("accept", "application/json")], b"")
+        ended = False
+        try:
+            async with asyncio.timeout(DISCOVERY_TIMEOUT):
+                status, body, ended = await _collect(exchange, self.settings.limits.max_model_listing)
+        except TimeoutError:
+            status, body = 0, b""
+        finally:
+            finish(exchange, cancel=not ended)
+        return status, body
 
 
 async def _collect(exchange: Exchange, limit: int) -> tuple[int, bytes, bool]:

@@ -122,9 +122,11 @@ class Stack:
     def logs(self) -> str:
         return "\n".join(f"===== {p.name}\n{p.log()}" for p in self.procs)
 
-    def llm(self, *models: str, api_key: str | None = None, name: str = "llm", port: int = 0) -> str:
-        """A fake OpenAI server; returns its base URL."""
-        args = [sys.executable, "-m", "fakellm", "--port", str(port), "--name", name]
+    def llm(
+        self, *models: str, api_key: str | None = None, name: str = "llm", port: int = 0, ollama: bool = False
+    ) -> str:
+        """A fake OpenAI server (``ollama``: without /v1/models, like Ollama); returns its base URL."""
+        args = [sys.executable, "-m", "fakellm", "--port", str(port), "--name", name, *(["--ollama"] * ollama)]
         for model in models:
             args += ["--model", model]
         if api_key:

@@ -23,6 +23,9 @@ connectors:
   - name: conn-b
     token: tok-b
     models: [shared]
+  - name: conn-ollama
+    token: tok-o
+    models: [llama3.2:1b]
 """
 
 
@@ -33,7 +36,10 @@ class Surface:
         self.broker: BrokerHandle = stack.broker(CONFIG, user_keys=(USER_KEY,))
         stack.connector(self.broker.url, "tok-a", self.llm_a, "shared", "solo", name="connector-a")
         stack.connector(self.broker.url, "tok-b", self.llm_b, "shared", name="connector-b")
-        self.broker.wait_models("shared", "solo", connectors=2)
+        # Started without --model before an Ollama-only server: found through /api/tags.
+        self.llm_o = stack.llm("llama3.2:1b", name="llm-o", ollama=True)
+        stack.connector(self.broker.url, "tok-o", self.llm_o, name="connector-o")
+        self.broker.wait_models("shared", "solo", "llama3.2:1b", connectors=3)
         self.openai = openai.OpenAI(base_url=self.broker.url + "/v1", api_key=USER_KEY, max_retries=0, timeout=20)
 
     def state(self, llm: str) -> dict[str, object]:
@@ -134,8 +140,10 @@ def test_a_messages_stream_cancelled_after_its_first_event_is_cancelled_at_the_l
 
 def test_the_ollama_client_lists_chats_generates_and_embeds(surface: Surface) -> None:
     client = ollama.Client(host=surface.broker.url, headers={"authorization": f"Bearer {USER_KEY}"})
-    assert sorted(m.model for m in client.list().models) == ["shared", "solo"]
-    assert sorted(m.model for m in client.ps().models) == ["shared", "solo"]
+    assert sorted(m.model for m in client.list().models) == ["llama3.2:1b", "shared", "solo"]
+    assert sorted(m.model for m in client.ps().models) == ["llama3.2:1b", "shared", "solo"]
+    ollama_only = client.chat(model="llama3.2:1b", messages=[{"role": "user", "content": "hi"}])
+    assert ollama_only.message.content
     parts = [p.message.content for p in client.chat(model="solo", messages=[{"role": "user", "content": "hi"}],
                                                     stream=True)]  # fmt: skip
     assert len(parts) > 1 and "".join(parts)
