@@ -24,6 +24,7 @@ from broker.settings import Settings
 from broker.throttle import AuthThrottle
 from broker.tunnel import Exchange, Session
 from broker.users import Caller, users_of
+from wire import End
 
 
 class Hub:
@@ -81,10 +82,11 @@ class Hub:
                 self._spawn(self.placement.discover(session, self.finish))
         return generation
 
-    def finish(self, exchange: Exchange, *, cancel: bool) -> None:
-        """A request is over for its user (``cancel``: the connector may still be at it)."""
+    def finish(self, exchange: Exchange, *, cancel: bool, on_end: Callable[[End], None] | None = None) -> None:
+        """A request is over for its user (``cancel``: the connector may still be at it, and
+        ``on_end`` gets its End when it comes, with the tokens of what was delivered)."""
         session = exchange.session
-        session.finish(exchange, cancel=cancel)
+        session.finish(exchange, cancel=cancel, on_end=on_end)
         self.sessions.settle(session)
         self.admission.freed()
 

@@ -31,6 +31,9 @@ from broker.users import User
 from wire import Chunk, End, Head
 from wire.headers import forwardable_request_header, forwardable_response_header, valid_header, valid_status
 
+# How long a stream cut by its user waits for the connector's End (it carries the tokens
+# delivered); the LLM stops at the Cancel, so it comes in milliseconds unless the tunnel is gone.
+LATE_END_TIMEOUT = 10.0
 # Response headers the broker sets itself.
 _SET_BY_BROKER = frozenset(["date", "cache-control", "x-accel-buffering", "x-remotellm-overhead-ms", "x-request-id"])
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -67,6 +70,7 @@ class Relay:
         self.hub = hub
         self.affinity = affinity
         self.accounting = accounting
+        self._closing: set[asyncio.Task[None]] = set()  # requests waiting for a cancelled End
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = _raw_path(scope)
@@ -84,9 +88,27 @@ class Relay:
             held.release()
             if watcher is not None:
                 watcher.cancel()
-            if out.lease is not None:  # every way out gives the slot back and settles the tokens
-                await out.lease.settle(out.tokens.total if out.tokens.source != "unknown" else out.reserve)
-            self._account(out)
+            if out.late_end is None:
+                await self._close(out)
+            else:  # the user cut the stream: what was delivered is counted once the connector's End says
+                task = asyncio.ensure_future(self._close_after_end(out, out.late_end))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+
+    async def _close(self, out: "_Outcome") -> None:
+        """Every way out: the slot given back, the tokens settled, the request accounted."""
+        if out.lease is not None:
+            await out.lease.settle(out.tokens.total if out.tokens.source != "unknown" else out.reserve)
+        self._account(out)
+
+    async def _close_after_end(self, out: "_Outcome", late_end: "asyncio.Future[End]") -> None:
+        try:
+            async with asyncio.timeout(LATE_END_TIMEOUT):
+                end = await late_end
+            out.tokens = Tokens(end.prompt_tokens, end.completion_tokens, end.usage)
+        except TimeoutError:
+            pass  # a connector that never ends it: counted as unknown
+        await self._close(out)
 
     async def _admit(
         self, scope: Scope, receive: Receive, send: Send, path: str, held: HeldBody, out: "_Outcome"
@@ -200,7 +222,7 @@ class Relay:
                     try:
                         failure = await _respond(exchange, send, settings, out)
                     finally:
-                        hub.finish(exchange, cancel=not out.ended)
+                        hub.finish(exchange, cancel=not out.ended, on_end=_late_end(out))
                     if failure is None:
                         self._learn(out, session.name)
                         return
@@ -268,8 +290,27 @@ class _Outcome:
     """What happened to one user request, for its reply, its log line and its metrics."""
 
     __slots__ = (
-        "bytes", "connector", "ended", "exchange", "family", "gone", "head_sent", "lease", "model", "request_bytes",
-        "request_id", "reserve", "result", "routed", "sniffer", "started", "status", "tokens", "ttfb", "user",
+        "bytes",
+        "connector",
+        "ended",
+        "exchange",
+        "family",
+        "gone",
+        "head_sent",
+        "late_end",
+        "lease",
+        "model",
+        "request_bytes",
+        "request_id",
+        "reserve",
+        "result",
+        "routed",
+        "sniffer",
+        "started",
+        "status",
+        "tokens",
+        "ttfb",
+        "user",
         "wall_started",
     )  # fmt: skip
 
@@ -295,6 +336,7 @@ class _Outcome:
         self.lease: Lease | None = None  # a limited user's admission, settled at the end
         self.reserve = 0  # the tokens reserved for it
         self.tokens = Tokens()  # what the request used, once known
+        self.late_end: asyncio.Future[End] | None = None  # a cut stream's End, still to come
 
     async def fail(self, send: Send, status: int, code: str, message: str, headers: Headers = ()) -> None:
         self.status = status
@@ -404,6 +446,19 @@ def _response_headers(head: Head) -> list[tuple[bytes, bytes]] | None:
         if forwardable_response_header(name) and name not in _SET_BY_BROKER:
             headers.append((name.encode("latin-1"), value.encode("latin-1")))
     return headers
+
+
+def _late_end(out: _Outcome) -> Callable[[End], None] | None:
+    """For a stream cut after its head: where the End the Cancel brings back is to go."""
+    if out.ended or not out.head_sent:
+        return None
+    future = out.late_end = asyncio.get_running_loop().create_future()
+
+    def ended(end: End) -> None:
+        if not future.done():
+            future.set_result(end)
+
+    return ended
 
 
 def _retryable(event: ReplyEvent | None) -> bool:

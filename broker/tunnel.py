@@ -84,6 +84,7 @@ class Session:
         self.leaving = False  # the connector or the broker said goodbye: no new requests
         self.closed = False
         self.uplinks = 0  # uplink bodies open now
+        self._after_cancel: dict[int, Callable[[End], None]] = {}  # who wants a cancelled request's End
         self.violations = 0  # request-level protocol errors so far
         self._wake = asyncio.Event()
         self._coalescer = Coalescer()
@@ -140,9 +141,11 @@ class Session:
         self._wake.set()
         return exchange
 
-    def finish(self, exchange: Exchange, *, cancel: bool) -> None:
+    def finish(self, exchange: Exchange, *, cancel: bool, on_end: Callable[[End], None] | None = None) -> None:
         if self.exchanges.pop(exchange.id, None) is not None and cancel and not self.closed:
             self._intent(self.conn.cancel, exchange.id)
+            if on_end is not None:  # (bounded: the protocol tracks every cancelled call until its End)
+                self._after_cancel[exchange.id] = on_end
 
     def consumed(self, request_id: int, size: int) -> None:
         self._intent(self.conn.consumed, request_id, size)
@@ -280,6 +283,8 @@ class Session:
             exchange = self.exchanges.get(event.id)  # type: ignore[union-attr]
             if exchange is not None:  # (None: the relay gave up on it, its Cancel is out)
                 exchange.events.put_nowait(event)  # type: ignore[arg-type]
+            elif kind is End and (ended := self._after_cancel.pop(event.id, None)) is not None:  # type: ignore[union-attr]
+                ended(event)  # type: ignore[arg-type]
         elif kind is Pong:
             self.conn.ping(time.time())  # echoed at once: the connector's proof its uploads arrive
             self._wake.set()
@@ -303,6 +308,7 @@ class Session:
     def close(self) -> None:
         """The connector is gone for good: every request in flight fails now."""
         self.closed = True
+        self._after_cancel.clear()
         self._wake.set()
         for exchange in self.exchanges.values():
             exchange.events.put_nowait(Interrupt("connector_lost"))

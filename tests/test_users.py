@@ -1,5 +1,6 @@
 """Users, their models and limits, and the usage they leave: through a real broker and connector."""
 
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -9,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from broker.usage import TOKEN_SOURCES
 from tests.support import BrokerHandle, Stack, wait_until
 
 CONFIG = """
@@ -24,6 +26,8 @@ users:
     limits: {requests_per_minute: 10, max_parallel: 50}
   - name: bob
     key: sk-bob
+  - name: erin
+    key: sk-erin
 connectors:
   - name: box
     token: tok-box
@@ -203,3 +207,26 @@ def test_a_stream_is_metered_and_the_client_gets_what_the_llm_sends_unasked(team
     after = bobs()
     assert after["completion_tokens"] - before.get("completion_tokens", 0) == 7
     assert after["prompt_tokens"] - before.get("prompt_tokens", 0) == 4
+
+
+def test_a_stream_the_user_cuts_is_counted_from_what_was_delivered_and_marked_estimated(team: Team) -> None:
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "go"}],
+            "fake": {"chunks": 400, "delay_ms": 10}}  # fmt: skip
+    url = team.broker.url + "/v1/chat/completions"
+    with httpx.stream("POST", url, json=body, headers=auth("sk-erin"), timeout=20) as resp:
+        events = 0
+        for line in resp.iter_lines():
+            events += line.startswith("data: ")
+            if events == 5:
+                break  # the user goes away mid-stream
+
+    def erins() -> list[tuple[int, int]]:
+        with sqlite3.connect(team.database) as db:
+            return db.execute(
+                "SELECT completion_tokens, token_source FROM usage_requests r WHERE r.user = 'erin'"
+            ).fetchall()
+
+    rows = wait_until(erins, what="the cut stream's usage row")
+    [(completion, source)] = rows
+    assert 5 <= completion < 400
+    assert TOKEN_SOURCES[source] == "estimated"
