@@ -179,6 +179,17 @@ def test_the_frames_before_a_violation_come_first_then_the_error_then_the_rest()
     assert not pair.uplink.backlogged
 
 
+def test_the_frames_before_a_session_violation_come_first_then_nothing_more() -> None:
+    pair = Pair()
+    good = pair.streaming()
+    bad = raw(Batch(1, 1), Chunk(good, b"before"), Ping(1.0), Chunk(good, b"after"))
+    assert pair.uplink.feed(bad) == [Chunk(good, b"before")]
+    with pytest.raises(ProtocolError, match="may not travel") as caught:
+        pair.uplink.feed(b"")
+    assert caught.value.request_id is None
+    assert not pair.uplink.backlogged
+
+
 @pytest.mark.parametrize(
     "frame",
     [Request(1, "GET", "/", "", [], b""), Cancel(1), Ping(1.0), Models([]), Body(1, b""), Hello("c", "1", [])],

@@ -245,10 +245,10 @@ class Coalescer:
 class Inbound:
     """One inbound connection's bytes: its own decoder and numbering, one shared session.
 
-    A frame that breaks the rules of one request raises ProtocolError naming it — after
-    the events of the frames before it were returned, as FrameDecoder does — and the
-    session is still sound: while ``backlogged``, ``feed(b"")`` goes on with the frames
-    that followed the bad one.
+    A frame that breaks the rules raises ProtocolError — after the events of the frames
+    before it were returned, as FrameDecoder does. When it names a request, the session
+    is still sound: while ``backlogged``, ``feed(b"")`` goes on with the frames that
+    followed the bad one.
     """
 
     __slots__ = ("_backlog", "_decoder", "_endpoint", "_error", "_next")
@@ -277,25 +277,13 @@ class Inbound:
             error, self._error = self._error, None
             self._backlog = frames
             raise error
-        endpoint = self._endpoint
         events: list[Frame] = []
         for index, frame in enumerate(frames):
-            if type(frame) is Batch:
-                self._open_batch(frame)
-                continue
-            number = self._next
-            if number is None:
-                raise ProtocolError("a connection must open with a Batch frame")
-            self._next = number + 1
-            if number < endpoint._received:
-                continue  # sent again after a lost connection: already delivered
-            endpoint._received = number + 1
             try:
-                event = endpoint._receive(frame)
+                event = self._apply(frame)
             except ProtocolError as exc:
-                if exc.request_id is None:
-                    raise
-                self._backlog = frames[index + 1 :]
+                # After a request's violation the rest goes on; after the session's, nothing does.
+                self._backlog = frames[index + 1 :] if exc.request_id is not None else []
                 if not events:
                     raise
                 self._error = exc  # the events before it come first
@@ -303,6 +291,21 @@ class Inbound:
             if event is not None:
                 events.append(event)
         return events
+
+    def _apply(self, frame: Frame) -> Frame | None:
+        """One frame of this connection: a Batch sets the numbering; a new frame applies."""
+        endpoint = self._endpoint
+        if type(frame) is Batch:
+            self._open_batch(frame)
+            return None
+        number = self._next
+        if number is None:
+            raise ProtocolError("a connection must open with a Batch frame")
+        self._next = number + 1
+        if number < endpoint._received:
+            return None  # sent again after a lost connection: already delivered
+        endpoint._received = number + 1
+        return endpoint._receive(frame)
 
     def feed_each(
         self, data: bytes, on_event: Callable[[Frame], None], on_violation: Callable[[ProtocolError], None]

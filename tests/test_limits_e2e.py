@@ -1,0 +1,84 @@
+"""Limits through real brokers: three sharing one Redis, and slots that come back after cancels."""
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.servers import start_redis
+from tests.support import BrokerHandle, Stack
+
+CONFIG = """
+users:
+  - name: team
+    key: sk-team
+    limits: {requests_per_minute: 30}
+  - name: canceller
+    key: sk-cancel
+    limits: {max_parallel: 5}
+connectors:
+  - name: box-{n}
+    token: tok-{n}
+    models: [m]
+"""
+
+
+def brokers_sharing_redis(stack: Stack, tmp_path: Path, count: int) -> list[BrokerHandle]:
+    redis = start_redis(stack, tmp_path)
+    handles = []
+    for n in range(count):
+        env = {"REMOTELLM_REDIS_URL": redis.url}
+        broker = stack.broker(CONFIG.replace("{n}", str(n)), user_keys=(), env=env, via="module", name=f"broker-{n}")
+        stack.connector(broker.url, f"tok-{n}", stack.llm("m", name=f"llm-{n}"), "m", name=f"connector-{n}")
+        broker.wait_models("m")
+        handles.append(broker)
+    return handles
+
+
+def test_three_brokers_sharing_redis_admit_exactly_the_limit(stack: Stack, tmp_path: Path) -> None:
+    """150 requests at once, spread over three brokers, against 30 a minute: 30 admitted."""
+    brokers = brokers_sharing_redis(stack, tmp_path, 3)
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(timeout=30) as client:
+
+            async def one(i: int) -> int:
+                url = brokers[i % 3].url + "/v1/chat/completions"
+                body = {"model": "m", "messages": []}
+                return (await client.post(url, json=body, headers={"authorization": "Bearer sk-team"})).status_code
+
+            return await asyncio.gather(*(one(i) for i in range(150)))
+
+    statuses = asyncio.run(burst())
+    assert statuses.count(200) == 30, statuses  # within 1.02x of the limit: exactly it
+    assert statuses.count(429) == 120
+
+
+@pytest.mark.slow
+def test_ten_thousand_cancelled_streams_leave_every_parallel_slot_free(stack: Stack, tmp_path: Path) -> None:
+    broker = brokers_sharing_redis(stack, tmp_path, 1)[0]
+    url = broker.url + "/v1/chat/completions"
+    headers = {"authorization": "Bearer sk-cancel"}
+    body = {"model": "m", "stream": True, "messages": [], "fake": {"chunks": 1000, "delay_ms": 5}}
+
+    async def cancelled(client: httpx.AsyncClient, gate: asyncio.Semaphore) -> int:
+        async with gate, client.stream("POST", url, json=body, headers=headers) as resp:
+            if resp.status_code == 200:
+                async for _ in resp.aiter_raw():
+                    break  # the first bytes, then gone
+            return resp.status_code
+
+    async def run() -> tuple[list[int], list[int]]:
+        limits = httpx.Limits(max_connections=5, max_keepalive_connections=0)
+        async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+            gate = asyncio.Semaphore(5)
+            statuses = await asyncio.gather(*(cancelled(client, gate) for _ in range(10_000)))
+        # Straight after: all five slots are free again, at once.
+        async with httpx.AsyncClient(timeout=30) as client:
+            after = await asyncio.gather(*(cancelled(client, asyncio.Semaphore(5)) for _ in range(5)))
+        return statuses, after
+
+    statuses, after = asyncio.run(run())
+    assert statuses.count(200) >= 9_990, {s: statuses.count(s) for s in set(statuses)}
+    assert after == [200] * 5
