@@ -511,6 +511,7 @@ def test_both_backends_agree_and_refuse_only_at_a_limit(redis: RedisServer, limi
             if action == "wait":
                 clock.advance(amount / 1000)
                 oracle.wait(amount / 1000)
+                await shared.renew()  # the renewer's job in real time (waits are at most 30 s < lease_ttl)
             elif action == "admit":
                 verdicts = await memory.admit("u", limits, amount // 50), await shared.admit("u", limits, amount // 50)
                 assert verdict_seen(verdicts[0]) == verdict_seen(verdicts[1])
