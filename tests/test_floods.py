@@ -22,7 +22,9 @@ from wire import (
     REPLY_PATH,
     SESSION_HEADER,
     Batch,
+    Cancel,
     Chunk,
+    Credit,
     Frame,
     FrameDecoder,
     Head,
@@ -279,3 +281,63 @@ def test_an_uplink_of_a_session_that_is_over_counts_for_nothing(broker: BrokerHa
     thread.join(40)
     assert result and result[0].status_code == 401, result
     assert result[0].json()["error"]["code"] == "unknown_session"
+
+
+def test_an_endless_model_listing_is_cut_at_its_bound_and_serves_nothing(broker: BrokerHandle) -> None:
+    """A connector without models: the broker lists them through the tunnel. This one answers
+    with a listing that never ends, sent as the broker's credit allows: the broker stops
+    reading at its bound, cancels, and routes nothing from it."""
+
+    async def scenario(broker: BrokerHandle) -> None:
+        session = _registered_with(broker, "evil-listing", [])
+        frames: asyncio.Queue[Frame] = asyncio.Queue()
+        async with httpx.AsyncClient(timeout=60) as client:
+
+            async def poll() -> None:
+                async with client.stream("GET", broker.url + POLL_PATH, headers=headers(session, OTHER)) as resp:
+                    decoder = FrameDecoder()
+                    async for data in resp.aiter_raw():
+                        for frame in decoder.feed(data):
+                            frames.put_nowait(frame)
+
+            polling = asyncio.create_task(poll())
+            request = await _next_of(frames, Request)
+            credit = INITIAL_CREDIT
+            cancelled = asyncio.Event()
+
+            async def listing() -> AsyncIterator[bytes]:
+                nonlocal credit
+                yield encode_many([Batch(0, 0), Head(request.id, 200, []), Chunk(request.id, b'{"data": [')])
+                piece = b'{"id": "m"},' * 5000  # 60 KB of an endless list
+                for _ in range(FLOOD_BYTES // len(piece)):
+                    while credit < len(piece) and not cancelled.is_set():
+                        frame = await asyncio.wait_for(frames.get(), 10)
+                        if isinstance(frame, Credit) and frame.id == request.id:
+                            credit += frame.bytes
+                        elif isinstance(frame, Cancel) and frame.id == request.id:
+                            cancelled.set()
+                    if cancelled.is_set():
+                        return
+                    credit -= len(piece)
+                    yield encode(Chunk(request.id, piece))
+
+            resp = await client.post(broker.url + REPLY_PATH, content=listing(), headers=headers(session, OTHER))
+            assert resp.status_code == 204
+            assert cancelled.is_set(), "the broker read on past its bound"
+            polling.cancel()
+
+    assert flood(broker, lambda b: asyncio.run(scenario(b))) < GROWTH_LIMIT_KIB
+    assert "listing the LLM's models failed" in broker.proc.log()
+    tunnels = {t["name"]: t["models"] for t in broker.health()["tunnels"]}  # type: ignore[index, union-attr]
+    assert tunnels.get("hostile-too", []) == []
+
+
+def _registered_with(broker: BrokerHandle, connector_id: str, models: list[str]) -> str:
+    return session_of(register(broker, models, connector_id, OTHER))
+
+
+async def _next_of(frames: "asyncio.Queue[Frame]", kind: type[Request]) -> Request:
+    while True:
+        frame = await asyncio.wait_for(frames.get(), 10)
+        if isinstance(frame, kind):
+            return frame
