@@ -239,18 +239,14 @@ def test_messages_with_the_anthropic_sdk_and_an_x_api_key(cluster: RealCluster) 
     assert raw.status_code == 200 and raw.json()["type"] == "message"
 
 
-def test_a_stream_through_the_bridge_is_metered_exactly_as_the_llm_reports(cluster: RealCluster) -> None:
-    """The client did not ask for usage: it gets none, and the usage recorded is llama.cpp's own count."""
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Count to five."}], "max_tokens": 24,
-            "temperature": 0, "stream": True}  # fmt: skip
-    direct = httpx.post(
-        cluster.llm.url + "/v1/chat/completions",
-        json={**body, "stream_options": {"include_usage": True}},
-        headers={"authorization": f"Bearer {LLM_KEY}"},
-        timeout=60,
-    )
-    last = [line for line in direct.text.splitlines() if line.startswith("data: {")][-1]
-    reported = httpx.Response(200, content=last.removeprefix("data: ")).json()["usage"]
+@pytest.mark.parametrize(("stream", "asked"), [(True, False), (True, True), (False, False)])
+def test_usage_through_the_bridge_is_what_the_llm_reports(cluster: RealCluster, stream: bool, asked: bool) -> None:
+    """Recorded usage equals llama.cpp's own count; the client gets usage only if it asked."""
+    body: dict[str, object] = {"model": MODEL, "messages": [{"role": "user", "content": "Count to five."}],
+                               "max_tokens": 24, "temperature": 0, "stream": stream}  # fmt: skip
+    if asked:
+        body["stream_options"] = {"include_usage": True}
+    reported = _reported_usage(cluster, body)
 
     def used() -> dict[str, int]:
         rows = httpx.get(
@@ -262,8 +258,22 @@ def test_a_stream_through_the_bridge_is_metered_exactly_as_the_llm_reports(clust
     before = used()
     through = httpx.post(cluster.broker.url + "/v1/chat/completions", json=body,
                          headers={"authorization": f"Bearer {USER_KEY}"}, timeout=60)  # fmt: skip
-    assert through.status_code == 200 and b'"usage"' not in through.content
+    assert through.status_code == 200
+    assert (b'"usage"' in through.content) is (asked or not stream)
     wait_until(lambda: used().get("requests", 0) > before.get("requests", 0), what="the usage row")
     after = used()
     assert after["prompt_tokens"] - before.get("prompt_tokens", 0) == reported["prompt_tokens"]
     assert after["completion_tokens"] - before.get("completion_tokens", 0) == reported["completion_tokens"]
+
+
+def _reported_usage(cluster: RealCluster, body: dict[str, object]) -> dict[str, int]:
+    """What llama.cpp itself counts for this request (asked directly, with usage)."""
+    direct = {**body, **({"stream_options": {"include_usage": True}} if body["stream"] else {})}
+    answer = httpx.post(cluster.llm.url + "/v1/chat/completions", json=direct,
+                        headers={"authorization": f"Bearer {LLM_KEY}"}, timeout=60)  # fmt: skip
+    if not body["stream"]:
+        usage: dict[str, int] = answer.json()["usage"]
+        return usage
+    last = [line for line in answer.text.splitlines() if line.startswith("data: {")][-1]
+    usage = httpx.Response(200, content=last.removeprefix("data: ")).json()["usage"]
+    return usage
