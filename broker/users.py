@@ -51,13 +51,6 @@ class Users:
         user = self._users[index] if index is not None else None
         return Caller(user, admin) if user is not None or admin else None
 
-    def user(self, authorization: str | None, api_key: str | None) -> User | None:
-        caller = self.identify(authorization, api_key)
-        return caller.user if caller is not None else None
-
-    def names(self) -> list[str]:
-        return [user.name for user in self._users if user.name is not None]
-
 
 class _HasUsers(Protocol):
     @property

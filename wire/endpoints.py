@@ -1,7 +1,6 @@
 """The HTTP face of the tunnel: the paths and headers both sides must agree on."""
 
 import ipaddress
-import re
 
 REGISTER_PATH = "/tunnel/v1/register"  # POST a Hello frame, get a Welcome frame back
 POLL_PATH = "/tunnel/v1/poll"  # GET: a streaming response of broker → connector frames
@@ -26,14 +25,3 @@ def loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-# A model name: what every API and every log line can carry as it is.
-MAX_MODEL_NAME = 256
-MAX_MODELS = 1024  # per connector
-_MODEL_NAME = re.compile(rf"[\x21-\x7e]{{1,{MAX_MODEL_NAME}}}")
-
-
-def valid_model_name(name: str) -> bool:
-    """Visible ASCII, no spaces, at most MAX_MODEL_NAME characters (``hf.co/org/m:Q4_K_M`` is fine)."""
-    return _MODEL_NAME.fullmatch(name) is not None

@@ -38,8 +38,6 @@ _RESPONSE_DROPPED = frozenset({"set-cookie", "set-cookie2", "alt-svc", "strict-t
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
-MAX_HEADERS = 100
-MAX_HEADER_BYTES = 64 * 1024
 
 
 def forwardable_request_header(name: str) -> bool:
