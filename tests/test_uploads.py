@@ -6,6 +6,7 @@ shows; the broker runs as one process, so its RSS is the broker's.
 
 import hashlib
 import random
+import select
 import socket
 import threading
 import time
@@ -164,14 +165,14 @@ def test_an_unknown_model_is_404(bridge: Bridge, tmp_path: Path) -> None:
     assert caught.value.code == "model_not_found"
 
 
-def raw_upload(bridge: Bridge, head_fields: bytes, declared: int | None) -> socket.socket:
+def raw_upload(bridge: Bridge, head_fields: bytes, declared: int | None, headers: str = "") -> socket.socket:
     """An HTTP/1.1 upload started by hand: its head and the form up to the file's bytes."""
     port = int(bridge.broker.url.rsplit(":", 1)[1])
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     framing = f"content-length: {declared}" if declared is not None else "transfer-encoding: chunked"
     sock.sendall(
         f"POST /v1/audio/transcriptions HTTP/1.1\r\nhost: broker\r\nauthorization: Bearer {USER_KEY}\r\n"
-        f"content-type: multipart/form-data; boundary={BOUNDARY}\r\n{framing}\r\n\r\n".encode()
+        f"content-type: multipart/form-data; boundary={BOUNDARY}\r\n{headers}{framing}\r\n\r\n".encode()
     )
     form = (
         f'--{BOUNDARY}\r\ncontent-disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n'
@@ -183,6 +184,35 @@ def raw_upload(bridge: Bridge, head_fields: bytes, declared: int | None) -> sock
 
 def send_body(sock: socket.socket, data: bytes, *, chunked: bool) -> None:
     sock.sendall(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+
+
+def test_an_llm_that_reads_nothing_holds_the_user_back_not_the_bridge(bridge: Bridge) -> None:
+    requests = bridge.state()["requests"]
+    piece = random.Random(6).randbytes(MIB)
+    framed, pieces = b"%x\r\n%s\r\n" % (len(piece), piece), 64
+    total = pieces * len(framed)
+    sock = raw_upload(bridge, b"", declared=None, headers='x-fake: {"hold_body": true}\r\n')
+    wait_until(lambda: bridge.state()["requests"] == requests + 1, what="the upload to reach the LLM")  # type: ignore[operator]
+    sent = 0
+    sock.setblocking(False)
+    with PeakRSS(bridge.broker.proc.pid, bridge.connector.pid) as rss:
+        # No room for 2 s: the path is full (a slow machine only stalls later, never sooner).
+        while sent < total and select.select([], [sock], [], 2)[1]:
+            sent += sock.send(framed[sent % len(framed) :])
+    print(f"held back after {sent / MIB:.1f} MiB; RSS growth broker, connector: {rss.growth_kib()} KiB")
+    assert sent < 40 * MIB  # socket buffers on three hops and one credit window, not the upload
+    assert max(rss.growth_kib()) < 16 * 1024
+    httpx.post(bridge.llm + "/_fake/release", timeout=5)
+    sock.setblocking(True)
+    sock.settimeout(60)
+    sock.sendall(framed[sent % len(framed) :] + framed * (pieces - 1 - sent // len(framed)))
+    end = f"\r\n--{BOUNDARY}--\r\n".encode()
+    sock.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(end), end))
+    answer = sock.recv(65536)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    upload = bridge.last_request()["upload"]
+    assert upload == {"filename": "a.wav", "size": pieces * MIB, "sha256": hashlib.sha256(piece * pieces).hexdigest()}
 
 
 def test_a_user_who_leaves_mid_upload_ends_the_request_at_the_llm(bridge: Bridge) -> None:
