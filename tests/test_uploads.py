@@ -122,6 +122,7 @@ def test_a_100_mb_upload_arrives_byte_identical_and_is_never_held(bridge: Bridge
     assert connector_growth < 16 * 1024
 
 
+@pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")  # (the SDK's own mark on translations)
 def test_translations_stream_too(bridge: Bridge, tmp_path: Path) -> None:
     path, digest = audio_file(tmp_path, 5 * MIB, seed=3)
     result = bridge.openai.audio.translations.create(model="whisper-1", file=path)
