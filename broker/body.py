@@ -23,6 +23,10 @@ def too_slow(timeout: float) -> BodyRefused:
     return BodyRefused(408, "request_timeout", f"The request body did not arrive within {timeout:g} s.")
 
 
+def too_many() -> BodyRefused:
+    return BodyRefused(503, "server_busy", "The broker holds too many request bodies; retry shortly.")
+
+
 class BodyBudget:
     """Bytes of request bodies held at once by every request together.
 
@@ -94,7 +98,7 @@ async def read_held(
                 if held.size + len(chunk) > limit:
                     raise too_large(limit)
                 if not held.add(chunk):
-                    raise BodyRefused(503, "server_busy", "The broker holds too many request bodies; retry shortly.")
+                    raise too_many()
                 parts.append(chunk)
                 more = bool(message.get("more_body", False))
                 if not more or (until is not None and until(b"".join(parts))):

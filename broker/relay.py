@@ -17,7 +17,7 @@ import msgspec
 from broker.accounting import Accounting, Tokens, reservation_of
 from broker.affinity import Affinity, IdSniffer
 from broker.asgi import ClientGone, Receive, Scope, Send, header
-from broker.body import BodyRefused, HeldBody, read_held
+from broker.body import BodyRefused, HeldBody, read_held, too_large, too_many
 from broker.errors import send_error
 from broker.form import MODEL_SCAN_LIMIT, FormModel
 from broker.hub import Hub
@@ -130,23 +130,9 @@ class Relay:
             else:
                 await out.fail(send, 404, "not_found", f"{scope['method']} {path}: not found.")
             return None
-        settings = hub.settings
-        # An audio form is streamed through once its model is found, so it may be larger.
         form = FormModel.of(header(scope, b"content-type")) if path in FORM_MODEL_ROUTES else None
-        limit = settings.max_upload_size if form is not None else settings.max_body_size
-        declared = header(scope, b"content-length")
-        deadline = asyncio.get_running_loop().time() + settings.body_timeout
         try:
-            if declared is not None and int(declared) > limit:
-                raise BodyRefused(413, "request_too_large", f"Request body over {limit} bytes.")
-            until = form.enough if form is not None else None
-            more = await read_held(receive, held, limit=limit, timeout=settings.body_timeout, until=until)
-            if more and form is not None and form.model:
-                if not held.reserve(UPLOAD_CREDIT):  # what may be in flight to the connector at once
-                    raise BodyRefused(503, "server_busy", "The broker holds too many request bodies; retry shortly.")
-                out.upload = Upload(
-                    receive, head=held.size, limit=limit, timeout=settings.body_timeout, deadline=deadline
-                )
+            out.upload = await _read_body(scope, receive, held, form, hub.settings)
         except ValueError:
             await out.fail(send, 400, "invalid_request", "Content-Length is not a number.")
             return None
@@ -302,6 +288,27 @@ class Relay:
             bytes=out.bytes,
             result=out.result,
         )
+
+
+async def _read_body(
+    scope: Scope, receive: Receive, held: HeldBody, form: FormModel | None, settings: Settings
+) -> Upload | None:
+    """Read the body into ``held``: whole, or an audio form only up to its model field,
+    the rest then to be streamed (the Upload returned). Raises BodyRefused, ClientGone,
+    or ValueError for a Content-Length that is no number."""
+    # A streamed upload is never held whole, so it may be larger than a body read whole.
+    limit = settings.max_upload_size if form is not None else settings.max_body_size
+    declared = header(scope, b"content-length")
+    if declared is not None and int(declared) > limit:
+        raise too_large(limit)
+    deadline = asyncio.get_running_loop().time() + settings.body_timeout  # for the whole body, streamed too
+    until = form.enough if form is not None else None
+    more = await read_held(receive, held, limit=limit, timeout=settings.body_timeout, until=until)
+    if not (more and form is not None and form.model):
+        return None
+    if not held.reserve(UPLOAD_CREDIT):  # what may be on its way to the connector at once
+        raise too_many()
+    return Upload(receive, head=held.size, limit=limit, timeout=settings.body_timeout, deadline=deadline)
 
 
 class _Outcome:
