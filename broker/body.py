@@ -82,11 +82,11 @@ async def read_held(
     *,
     limit: int,
     timeout: float,
-    until: Callable[[bytes], bool] | None = None,
+    until: Callable[[bytearray], bool] | None = None,
 ) -> bool:
     """Read the body into ``held``: whole, or only until ``until(what was read)`` says
     enough. True if more of the body follows; BodyRefused (413, 503, 408) or ClientGone."""
-    parts: list[bytes] = []
+    data = bytearray()  # (one buffer: a body sent a byte at a time is no list of a million)
     more = True
     try:
         async with asyncio.timeout(timeout):
@@ -99,11 +99,13 @@ async def read_held(
                     raise too_large(limit)
                 if not held.add(chunk):
                     raise too_many()
-                parts.append(chunk)
+                data += chunk
                 more = bool(message.get("more_body", False))
-                if not more or (until is not None and until(b"".join(parts))):
+                if not more or (until is not None and until(data)):
                     break
     except TimeoutError:
         raise too_slow(timeout) from None
-    held.data = b"".join(parts)
+    if until is not None and not more:
+        until(data)  # the last piece too, however it came
+    held.data = bytes(data)
     return more

@@ -7,6 +7,10 @@ from broker.body import BodyRefused, too_large, too_slow
 from broker.tunnel import Exchange, Interrupt
 
 _GONE: Message = {"type": "http.disconnect"}
+# Body frames carry at least this much (but the last), whatever pieces the user sends:
+# each frame costs ~30 bytes and work on both sides, and a place among the frames a
+# session may leave unacknowledged (a session past that bound is given up).
+MIN_PIECE = 16 * 1024
 
 
 class Upload:
@@ -48,17 +52,20 @@ class Upload:
         """Send the rest of the body; False if the user left before it was all there."""
         try:
             async with asyncio.timeout_at(self._deadline):
-                more = True
+                more, pending = True, bytearray()
                 while more:
                     message = await self._receive()
                     if message["type"] == "http.disconnect":
                         return False
                     chunk = message.get("body", b"")
-                    more = message.get("more_body", False)
+                    more = bool(message.get("more_body", False))
                     self.streamed += len(chunk)
                     if self._head + self.streamed > self._limit:
                         raise too_large(self._limit)
-                    await exchange.send_body(chunk, more=more)
+                    pending += chunk
+                    if len(pending) >= MIN_PIECE or not more:
+                        await exchange.send_body(bytes(pending), more=more)
+                        pending.clear()
         except TimeoutError:
             self.refused = too_slow(self._timeout)
         except BodyRefused as exc:

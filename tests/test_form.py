@@ -1,5 +1,8 @@
 """The broker's search for the model field of a multipart form (sans-IO, no processes)."""
 
+import asyncio
+
+from broker.body import BodyBudget, HeldBody, read_held
 from broker.form import MODEL_SCAN_LIMIT, FormModel
 
 CT = 'multipart/form-data; boundary="b0undary"'
@@ -46,3 +49,30 @@ def test_a_body_that_is_no_form_settles_at_once() -> None:
 def test_a_model_that_is_not_utf8_is_empty() -> None:
     form = FormModel.of(CT)
     assert form.enough(part("model", b"\xff\xfe") + b"--b0undary--") and form.model == ""
+
+
+def test_read_held_shows_the_head_as_it_grows_and_at_its_end() -> None:
+    body = part("model", b"whisper-1") + part("file", b"\x00" * 100_000, '; filename="a"') + b"--b0undary--\r\n"
+
+    def read(pieces: list[bytes]) -> tuple[bool, str | None, int]:
+        form = FormModel.of(CT)
+        messages = [{"type": "http.request", "body": p, "more_body": i < len(pieces) - 1} for i, p in enumerate(pieces)]
+
+        async def receive() -> dict[str, object]:
+            return messages.pop(0)
+
+        held = HeldBody(BodyBudget(10 * MODEL_SCAN_LIMIT))
+        more = asyncio.run(read_held(receive, held, limit=MODEL_SCAN_LIMIT, timeout=5, until=form.enough))
+        return more, form.model, held.size
+
+    assert read([body]) == (False, "whisper-1", len(body))  # one last message: looked at all the same
+    head = body.index(b"--b0undary", 10) + len(b"--b0undary")  # the model's part and the next delimiter
+    assert read([body[i : i + 1] for i in range(len(body))]) == (True, "whisper-1", head)  # a byte at a time
+
+
+def test_a_closing_delimiter_split_from_its_dashes_still_ends_the_form() -> None:
+    body = part("language", b"en") + b"--b0undary--\r\n"
+    form = FormModel.of(CT)
+    cut = len(body) - 4
+    assert not form.enough(body[:cut])
+    assert form.enough(body) and form.ended and form.model is None

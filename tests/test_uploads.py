@@ -216,6 +216,23 @@ def test_an_llm_that_reads_nothing_holds_the_user_back_not_the_bridge(bridge: Br
     assert upload == {"filename": "a.wav", "size": pieces * MIB, "sha256": hashlib.sha256(piece * pieces).hexdigest()}
 
 
+def test_an_upload_sent_a_byte_at_a_time_arrives_intact(bridge: Bridge) -> None:
+    # The model is searched for and the body forwarded in pieces the user does not choose
+    # (the tunnel batches them: broker.upload.MIN_PIECE).
+    data = random.Random(7).randbytes(70_000)
+    sock = raw_upload(bridge, b"", declared=None)
+    sock.sendall(b"".join(b"1\r\n%s\r\n" % data[i : i + 1] for i in range(len(data))))
+    end = f"\r\n--{BOUNDARY}--\r\n".encode()
+    sock.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(end), end))
+    sock.settimeout(60)
+    answer = sock.recv(65536)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert bridge.last_request()["upload"] == {
+        "filename": "a.wav", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()
+    }  # fmt: skip
+
+
 def test_a_user_who_leaves_mid_upload_ends_the_request_at_the_llm(bridge: Bridge) -> None:
     requests, cancelled = bridge.state()["requests"], bridge.cancelled()
     sock = raw_upload(bridge, b"", declared=50 * MIB)
