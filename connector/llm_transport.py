@@ -59,7 +59,9 @@ class _Connection:
             self.writer.write(self.h11.send(h11.EndOfMessage()) or b"")
             await self.writer.drain()
         except (OSError, h11.LocalProtocolError):
-            self.writer.close()  # the response side then fails too, and says so
+            # The LLM answered early (or the socket broke, which the response side sees
+            # too): stop writing, and let what it answered be read.
+            return
 
 
 def _serialize(conn: h11.Connection, head: h11.Request, body: bytes) -> bytes:

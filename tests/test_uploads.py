@@ -33,8 +33,8 @@ BOUNDARY = "remotellm-test-boundary"
 
 
 class Bridge:
-    def __init__(self, stack: Stack, env: dict[str, str] | None = None) -> None:
-        self.llm = stack.llm("whisper-1", name="llm")
+    def __init__(self, stack: Stack, env: dict[str, str] | None = None, llm_key: str | None = None) -> None:
+        self.llm = stack.llm("whisper-1", name="llm", api_key=llm_key)
         env = {"REMOTELLM_MAX_UPLOAD_SIZE": str(MAX_UPLOAD), **(env or {})}
         self.broker: BrokerHandle = stack.broker(CONFIG, user_keys=(USER_KEY,), via="module", env=env)
         self.connector = stack.connector(self.broker.url, "tok", self.llm, "whisper-1")
@@ -277,6 +277,21 @@ def test_an_upload_slower_than_the_body_timeout_is_408(tmp_path: Path) -> None:
         state = slow.state()  # whatever reached the LLM (on a slow machine maybe nothing) ended there
         wait_until(lambda: slow.cancelled() == slow.state()["requests"], what="the LLM to see the upload end")
         assert int(state["requests"]) <= 1  # type: ignore[call-overload]
+    except BaseException:
+        print(stack.logs()[-20000:])
+        raise
+    finally:
+        stack.close()
+
+
+def test_an_llm_that_answers_before_the_upload_ended_is_relayed(tmp_path: Path) -> None:
+    stack = Stack(tmp_path)
+    try:
+        refusing = Bridge(stack, llm_key="sk-the-connector-lacks")  # the LLM answers 401 to the head alone
+        path, _ = audio_file(tmp_path, 20 * MIB, seed=8)
+        for _ in range(2):  # and the connector serves on
+            with pytest.raises(openai.AuthenticationError):
+                refusing.openai.audio.transcriptions.create(model="whisper-1", file=path)
     except BaseException:
         print(stack.logs()[-20000:])
         raise
