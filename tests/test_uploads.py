@@ -4,6 +4,7 @@ The fake LLM hashes what it receives, so a byte lost, added or re-encoded (NUL, 
 shows; the broker runs as one process, so its RSS is the broker's.
 """
 
+import contextlib
 import hashlib
 import random
 import select
@@ -35,7 +36,8 @@ BOUNDARY = "remotellm-test-boundary"
 class Bridge:
     def __init__(self, stack: Stack, env: dict[str, str] | None = None, llm_key: str | None = None) -> None:
         self.llm = stack.llm("whisper-1", name="llm", api_key=llm_key)
-        env = {"REMOTELLM_MAX_UPLOAD_SIZE": str(MAX_UPLOAD), **(env or {})}
+        # A body timeout far beyond any machine's upload time: only its own test meets it.
+        env = {"REMOTELLM_MAX_UPLOAD_SIZE": str(MAX_UPLOAD), "REMOTELLM_BODY_TIMEOUT": "600", **(env or {})}
         self.broker: BrokerHandle = stack.broker(CONFIG, user_keys=(USER_KEY,), via="module", env=env)
         self.connector = stack.connector(self.broker.url, "tok", self.llm, "whisper-1")
         self.broker.wait_models("whisper-1", connectors=1)
@@ -55,16 +57,23 @@ class Bridge:
         return int(self.state()["cancelled"])  # type: ignore[call-overload]
 
 
-@pytest.fixture(scope="module")
-def bridge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bridge]:
-    stack = Stack(tmp_path_factory.mktemp("uploads"))
+@contextlib.contextmanager
+def running(directory: Path, env: dict[str, str] | None = None, llm_key: str | None = None) -> Iterator[Bridge]:
+    """A bridge of its own for the block; its processes' logs are printed if the block fails."""
+    stack = Stack(directory)
     try:
-        yield Bridge(stack)
+        yield Bridge(stack, env, llm_key)
     except BaseException:
         print(stack.logs()[-20000:])
         raise
     finally:
         stack.close()
+
+
+@pytest.fixture(scope="module")
+def bridge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bridge]:
+    with running(tmp_path_factory.mktemp("uploads")) as shared:
+        yield shared
 
 
 def audio_file(directory: Path, size: int, seed: int) -> tuple[Path, str]:
@@ -265,9 +274,7 @@ def test_an_upload_over_max_upload_size_is_413(bridge: Bridge) -> None:
 
 
 def test_an_upload_slower_than_the_body_timeout_is_408(tmp_path: Path) -> None:
-    stack = Stack(tmp_path)
-    try:
-        slow = Bridge(stack, {"REMOTELLM_BODY_TIMEOUT": "3"})
+    with running(tmp_path, {"REMOTELLM_BODY_TIMEOUT": "3"}) as slow:
         sock = raw_upload(slow, b"", declared=50 * MIB)
         send_body(sock, b"\x00" * MIB, chunked=False)  # then nothing more
         sock.settimeout(30)
@@ -277,23 +284,11 @@ def test_an_upload_slower_than_the_body_timeout_is_408(tmp_path: Path) -> None:
         state = slow.state()  # whatever reached the LLM (on a slow machine maybe nothing) ended there
         wait_until(lambda: slow.cancelled() == slow.state()["requests"], what="the LLM to see the upload end")
         assert int(state["requests"]) <= 1  # type: ignore[call-overload]
-    except BaseException:
-        print(stack.logs()[-20000:])
-        raise
-    finally:
-        stack.close()
 
 
 def test_an_llm_that_answers_before_the_upload_ended_is_relayed(tmp_path: Path) -> None:
-    stack = Stack(tmp_path)
-    try:
-        refusing = Bridge(stack, llm_key="sk-the-connector-lacks")  # the LLM answers 401 to the head alone
+    with running(tmp_path, llm_key="sk-the-connector-lacks") as refusing:  # the LLM answers 401 to the head
         path, _ = audio_file(tmp_path, 20 * MIB, seed=8)
         for _ in range(2):  # and the connector serves on
             with pytest.raises(openai.AuthenticationError):
                 refusing.openai.audio.transcriptions.create(model="whisper-1", file=path)
-    except BaseException:
-        print(stack.logs()[-20000:])
-        raise
-    finally:
-        stack.close()
