@@ -1,6 +1,7 @@
 """A user's request body: bounded in size, in time, and in memory across all users at once."""
 
 import asyncio
+from collections.abc import Callable
 
 from broker.asgi import ClientGone, Receive
 
@@ -12,6 +13,18 @@ class BodyRefused(Exception):
         super().__init__(message)
         self.status = status
         self.code = code
+
+
+def too_large(limit: int) -> BodyRefused:
+    return BodyRefused(413, "request_too_large", f"Request body over {limit} bytes.")
+
+
+def too_slow(timeout: float) -> BodyRefused:
+    return BodyRefused(408, "request_timeout", f"The request body did not arrive within {timeout:g} s.")
+
+
+def too_many() -> BodyRefused:
+    return BodyRefused(503, "server_busy", "The broker holds too many request bodies; retry shortly.")
 
 
 class BodyBudget:
@@ -49,9 +62,13 @@ class HeldBody:
 
     def add(self, chunk: bytes) -> bool:
         """Hold one more chunk; False (nothing held) once every body together would be too much."""
-        if not self._budget.take(len(chunk)):
+        return self.reserve(len(chunk))
+
+    def reserve(self, size: int) -> bool:
+        """Hold ``size`` bytes more of the budget (a chunk, or the window of a streamed body)."""
+        if not self._budget.take(size):
             return False
-        self.size += len(chunk)
+        self.size += size
         return True
 
     def release(self) -> None:
@@ -59,9 +76,18 @@ class HeldBody:
         self.size = 0
 
 
-async def read_held(receive: Receive, held: HeldBody, *, limit: int, timeout: float) -> None:
-    """Read the whole body into ``held``; BodyRefused (413, 503, 408) or ClientGone."""
-    parts: list[bytes] = []
+async def read_held(
+    receive: Receive,
+    held: HeldBody,
+    *,
+    limit: int,
+    timeout: float,
+    until: Callable[[bytearray], bool] | None = None,
+) -> bool:
+    """Read the body into ``held``: whole, or only until ``until(what was read)`` says
+    enough. True if more of the body follows; BodyRefused (413, 503, 408) or ClientGone."""
+    data = bytearray()  # (one buffer: a body sent a byte at a time is no list of a million)
+    more = True
     try:
         async with asyncio.timeout(timeout):
             while True:
@@ -70,12 +96,16 @@ async def read_held(receive: Receive, held: HeldBody, *, limit: int, timeout: fl
                     raise ClientGone
                 chunk = message.get("body", b"")
                 if held.size + len(chunk) > limit:
-                    raise BodyRefused(413, "request_too_large", f"Request body over {limit} bytes.")
+                    raise too_large(limit)
                 if not held.add(chunk):
-                    raise BodyRefused(503, "server_busy", "The broker holds too many request bodies; retry shortly.")
-                parts.append(chunk)
-                if not message.get("more_body", False):
+                    raise too_many()
+                data += chunk
+                more = bool(message.get("more_body", False))
+                if not more or (until is not None and until(data)):
                     break
     except TimeoutError:
-        raise BodyRefused(408, "request_timeout", f"The request body did not arrive within {timeout:g} s.") from None
-    held.data = b"".join(parts)
+        raise too_slow(timeout) from None
+    if until is not None and not more:
+        until(data)  # the last piece too, however it came
+    held.data = bytes(data)
+    return more

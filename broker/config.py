@@ -72,6 +72,7 @@ SETTINGS: dict[str, Any] = {
     "model_refresh": _positive(float),
     "queue_timeout": _positive(float),
     "max_body_size": _positive(int),
+    "max_upload_size": _positive(int),
     "body_timeout": _positive(float),
     "body_memory_limit": _positive(int),
     "resume_grace": _positive(float),

@@ -17,18 +17,28 @@ import msgspec
 from broker.accounting import Accounting, Tokens, reservation_of
 from broker.affinity import Affinity, IdSniffer
 from broker.asgi import ClientGone, Receive, Scope, Send, header
-from broker.body import BodyRefused, HeldBody, read_held
+from broker.body import BodyRefused, HeldBody, read_held, too_large, too_many
 from broker.errors import send_error
+from broker.form import MODEL_SCAN_LIMIT, FormModel
 from broker.hub import Hub
 from broker.limits import Lease, Rejection
 from broker.logs import log
 from broker.metrics import UNROUTED
 from broker.router import AtCapacity, ModelUnavailable, RouteError
-from broker.routes import JSON_MODEL_ROUTES, RESPONSES_PATH, Family, family, management, responses_object_id
+from broker.routes import (
+    FORM_MODEL_ROUTES,
+    JSON_MODEL_ROUTES,
+    RESPONSES_PATH,
+    Family,
+    family,
+    management,
+    responses_object_id,
+)
 from broker.settings import Settings
 from broker.tunnel import Exchange, Interrupt, ReplyEvent, Session
+from broker.upload import Upload
 from broker.users import User
-from wire import Chunk, End, Head
+from wire import UPLOAD_CREDIT, Chunk, End, Head
 from wire.headers import forwardable_request_header, forwardable_response_header, valid_header, valid_status
 
 # How long a stream cut by its user waits for the connector's End (it carries the tokens
@@ -63,6 +73,19 @@ class _Target(NamedTuple):
 
 
 _decode_body = msgspec.json.Decoder(_Body).decode
+_NO_MODEL = "The body must be a JSON object with a 'model' string."
+_NO_FORM_MODEL = (
+    f"The body must be a multipart/form-data form with a 'model' field within its first {MODEL_SCAN_LIMIT} bytes."
+)
+
+
+def _model_of(data: bytes, form: FormModel | None) -> _Body | None:
+    """What routes the request: the JSON body's fields, or the form's model field."""
+    if form is not None:
+        return _Body(form.model) if form.model else None
+    with contextlib.suppress(msgspec.MsgspecError):
+        return _decode_body(data)
+    return None
 
 
 class Relay:
@@ -82,7 +105,8 @@ class Relay:
             if target is not None:
                 target = await self._limit(send, held.data, target, out)
             if target is not None:
-                watcher = asyncio.ensure_future(_watch_disconnect(receive, out))
+                user = receive if out.upload is None else out.upload.receive  # an upload's rest first
+                watcher = asyncio.ensure_future(_watch_disconnect(user, out))
                 await self._forward(scope, send, path, held.data, target, out)
         finally:
             held.release()
@@ -128,12 +152,9 @@ class Relay:
             else:
                 await out.fail(send, 404, "not_found", f"{scope['method']} {path}: not found.")
             return None
-        settings = hub.settings
-        declared = header(scope, b"content-length")
+        form = FormModel.of(header(scope, b"content-type")) if path in FORM_MODEL_ROUTES else None
         try:
-            if declared is not None and int(declared) > settings.max_body_size:
-                raise BodyRefused(413, "request_too_large", f"Request body over {settings.max_body_size} bytes.")
-            await read_held(receive, held, limit=settings.max_body_size, timeout=settings.body_timeout)
+            out.upload = await _read_body(scope, receive, held, form, hub.settings)
         except ValueError:
             await out.fail(send, 400, "invalid_request", "Content-Length is not a number.")
             return None
@@ -147,11 +168,9 @@ class Relay:
         out.request_bytes = held.size
         if target.object_id is not None:
             return await self._creator(target, send, out)
-        body = None
-        with contextlib.suppress(msgspec.MsgspecError):
-            body = _decode_body(held.data)
+        body = _model_of(held.data, form)
         if body is None or not body.model:
-            await out.fail(send, 400, "invalid_request", "The body must be a JSON object with a 'model' string.")
+            await out.fail(send, 400, "invalid_request", _NO_MODEL if form is None else _NO_FORM_MODEL)
             return None
         out.model = body.model
         if not caller.user.may_use(body.model):
@@ -171,7 +190,7 @@ class Relay:
             return _Target(_anyone, object_id)
         if method != "POST":
             return None
-        if path in JSON_MODEL_ROUTES or path in self.hub.settings.allowed_paths:
+        if path in JSON_MODEL_ROUTES or path in FORM_MODEL_ROUTES or path in self.hub.settings.allowed_paths:
             return _Target(_anyone)
         if any(path in spec.allowed_paths for spec in self.hub.settings.connectors):
             return _Target(lambda session: path in session.spec.allowed_paths)
@@ -218,7 +237,12 @@ class Relay:
                         out.status, out.result = 499, "user_gone"
                         return
                     out.connector = session.name
-                    exchange = out.exchange = session.open(scope["method"], path, query, headers, body)
+                    upload = out.upload
+                    exchange = out.exchange = session.open(
+                        scope["method"], path, query, headers, body, more_body=upload is not None
+                    )
+                    if upload is not None:
+                        upload.opened(exchange)
                     try:
                         failure = await _respond(exchange, send, settings, out)
                     finally:
@@ -227,7 +251,9 @@ class Relay:
                         self._learn(out, session.name)
                         return
                     # Lost before the head: nothing reached the user, so one retry elsewhere is safe.
+                    # (Not with a streamed body: what went to the first connector is gone.)
                     retry = attempt == 1 and _retryable(failure.event) and target.object_id is None
+                    retry = retry and out.upload is None
                     alternate = hub.alternate(out.model, session, accepts) if retry else None
                     if alternate is None:
                         await _fail_before_head(send, failure.event, out)
@@ -263,7 +289,7 @@ class Relay:
         metrics = hub.metrics
         metrics.requests.labels(model, str(out.status), out.connector).inc()
         metrics.duration.labels(model).observe(elapsed)
-        metrics.bytes.labels("request").inc(out.request_bytes)
+        metrics.bytes.labels("request").inc(out.request_bytes + (out.upload.streamed if out.upload else 0))
         metrics.bytes.labels("response").inc(out.bytes)
         if out.ttfb:
             metrics.ttfb.labels(model).observe(out.ttfb)
@@ -286,32 +312,34 @@ class Relay:
         )
 
 
+async def _read_body(
+    scope: Scope, receive: Receive, held: HeldBody, form: FormModel | None, settings: Settings
+) -> Upload | None:
+    """Read the body into ``held``: whole, or an audio form only up to its model field,
+    the rest then to be streamed (the Upload returned). Raises BodyRefused, ClientGone,
+    or ValueError for a Content-Length that is no number."""
+    # A streamed upload is never held whole, so it may be larger than a body read whole.
+    limit = settings.max_upload_size if form is not None else settings.max_body_size
+    declared = header(scope, b"content-length")
+    if declared is not None and int(declared) > limit:
+        raise too_large(limit)
+    deadline = asyncio.get_running_loop().time() + settings.body_timeout  # for the whole body, streamed too
+    until = form.enough if form is not None else None
+    more = await read_held(receive, held, limit=limit, timeout=settings.body_timeout, until=until)
+    if not (more and form is not None and form.model):
+        return None
+    if not held.reserve(UPLOAD_CREDIT):  # what may be on its way to the connector at once
+        raise too_many()
+    return Upload(receive, head=held.size, limit=limit, timeout=settings.body_timeout, deadline=deadline)
+
+
 class _Outcome:
     """What happened to one user request, for its reply, its log line and its metrics."""
 
     __slots__ = (
-        "bytes",
-        "connector",
-        "ended",
-        "exchange",
-        "family",
-        "gone",
-        "head_sent",
-        "late_end",
-        "lease",
-        "model",
-        "request_bytes",
-        "request_id",
-        "reserve",
-        "result",
-        "routed",
-        "sniffer",
-        "started",
-        "status",
-        "tokens",
-        "ttfb",
-        "user",
-        "wall_started",
+        "bytes", "connector", "ended", "exchange", "family", "gone", "head_sent", "late_end", "lease", "model",
+        "request_bytes", "request_id", "reserve", "result", "routed", "sniffer", "started", "status", "tokens",
+        "ttfb", "upload", "user", "wall_started",
     )  # fmt: skip
 
     def __init__(self, request_id: str, family: Family) -> None:
@@ -337,6 +365,7 @@ class _Outcome:
         self.reserve = 0  # the tokens reserved for it
         self.tokens = Tokens()  # what the request used, once known
         self.late_end: asyncio.Future[End] | None = None  # a cut stream's End, still to come
+        self.upload: Upload | None = None  # the rest of a body streamed after routing
 
     async def fail(self, send: Send, status: int, code: str, message: str, headers: Headers = ()) -> None:
         self.status = status
@@ -473,6 +502,10 @@ async def _fail_before_head(send: Send, event: ReplyEvent | None, out: _Outcome)
         return
     if event is None:
         await out.fail(send, 504, "timeout", "The LLM did not start answering in time.")
+        return
+    refused = out.upload.refused if out.upload is not None else None
+    if refused is not None:  # the streamed rest of the body was too large or too slow
+        await out.fail(send, refused.status, refused.code, str(refused))
         return
     if isinstance(event, Head):
         message = "The LLM's response head is not valid HTTP."

@@ -37,6 +37,8 @@ JSON_MODEL_ROUTES = frozenset(
         "/api/show",
     }
 )
+# POST routes whose multipart form names the model: the upload after it is streamed through.
+FORM_MODEL_ROUTES = frozenset({"/v1/audio/transcriptions", "/v1/audio/translations"})
 RESPONSES_PATH = "/v1/responses"
 # The Responses API's routes by id: (method, suffix after the id).
 _BY_ID = frozenset({("GET", ""), ("DELETE", ""), ("POST", "/cancel"), ("GET", "/input_items")})

@@ -69,6 +69,9 @@ class BrokerArgs:
         default=None, metadata={"type": float, "help": "seconds a request waits for a free slot (2)"}
     )
     max_body_size: int | None = field(default=None, metadata={"type": int, "help": "request body limit in bytes"})
+    max_upload_size: int | None = field(
+        default=None, metadata={"type": int, "help": "limit in bytes of a streamed upload (audio forms; 256 MiB)"}
+    )
     body_timeout: float | None = field(
         default=None, metadata={"type": float, "help": "seconds a request body may take to arrive (60)"}
     )
@@ -117,6 +120,8 @@ class Settings:
     total_timeout: float = 3600.0
     log_format: LogFormat = "plain"
     max_body_size: int = 16 * 1024 * 1024
+    # Streamed bodies are never held whole, so they may be larger than what is read whole.
+    max_upload_size: int = 256 * 1024 * 1024
     body_timeout: float = 60.0  # a request body must arrive within this, else 408
     body_memory_limit: int = 256 * 1024 * 1024  # past it, new requests get 503 (never an OOM)
     response_ttl: float = 30 * 24 * 3600.0  # as long as OpenAI keeps a stored response

@@ -18,6 +18,7 @@ from wire import (
     BrokerConnection,
     Chunk,
     Coalescer,
+    Credit,
     Drain,
     End,
     Frame,
@@ -32,7 +33,7 @@ from wire.frames import Headers
 
 log = logging.getLogger("remotellm.tunnel")
 
-Interruption = Literal["connector_lost", "user_gone", "protocol_error"]
+Interruption = Literal["connector_lost", "user_gone", "protocol_error", "body_refused"]
 VIOLATIONS_LOGGED_EVERY = 1000
 
 
@@ -51,16 +52,34 @@ ReplyEvent = Head | Chunk | End | Interrupt
 class Exchange:
     """One request in flight on one connector."""
 
-    __slots__ = ("events", "id", "session")
+    __slots__ = ("credit", "events", "id", "session")
 
     def __init__(self, session: "Session", request_id: int) -> None:
         self.id = request_id
         self.session = session
         self.events: asyncio.Queue[ReplyEvent] = asyncio.Queue()
+        self.credit = asyncio.Event()  # set when the connector grants room for more body
 
     def consumed(self, size: int) -> None:
         """The user took ``size`` bytes of the reply: the one way credit goes back."""
         self.session.consumed(self.id, size)
+
+    async def send_body(self, data: bytes, *, more: bool) -> None:
+        """Send more of a streamed body, waiting whenever the connector's credit runs out
+        (forever once the request is over: the caller cancels the wait)."""
+        conn = self.session.conn
+        while True:
+            self.credit.clear()  # before reading the room, so a grant in between is not missed
+            room = conn.upload_room(self.id)
+            if len(data) <= room:
+                break
+            if room:
+                self.session.send_body(self.id, data[:room], more=True)
+                data = data[room:]
+            else:
+                await self.credit.wait()
+        if data or not more:
+            self.session.send_body(self.id, data, more=more)
 
 
 class Session:
@@ -127,11 +146,14 @@ class Session:
 
     # --- requests -----------------------------------------------------------
 
-    def open(self, method: str, path: str, query: str, headers: Headers, body: bytes) -> Exchange:
+    def open(
+        self, method: str, path: str, query: str, headers: Headers, body: bytes, *, more_body: bool = False
+    ) -> Exchange:
         """Send a request to the connector, with this connector's LLM key (an exchange that
-        is over at once if the session cannot take it)."""
+        is over at once if the session cannot take it); with ``more_body`` the rest of the
+        body follows through ``Exchange.send_body``."""
         try:
-            request_id = self.conn.open(method, path, query, headers, body, self.spec.llm_api_key)
+            request_id = self.conn.open(method, path, query, headers, body, self.spec.llm_api_key, more_body=more_body)
         except ProtocolError as exc:
             self._give_up(exc)
             exchange = Exchange(self, 0)
@@ -149,6 +171,9 @@ class Session:
 
     def consumed(self, request_id: int, size: int) -> None:
         self._intent(self.conn.consumed, request_id, size)
+
+    def send_body(self, request_id: int, data: bytes, *, more: bool) -> None:
+        self._intent(lambda: self.conn.send_body(request_id, data, more=more))
 
     def models(self, models: list[str]) -> None:
         self._intent(self.conn.models, models)
@@ -285,6 +310,10 @@ class Session:
                 exchange.events.put_nowait(event)  # type: ignore[arg-type]
             elif kind is End and (ended := self._after_cancel.pop(event.id, None)) is not None:  # type: ignore[union-attr]
                 ended(event)  # type: ignore[arg-type]
+        elif kind is Credit:
+            exchange = self.exchanges.get(event.id)  # type: ignore[union-attr]
+            if exchange is not None:
+                exchange.credit.set()
         elif kind is Pong:
             self.conn.ping(time.time())  # echoed at once: the connector's proof its uploads arrive
             self._wake.set()

@@ -6,7 +6,7 @@ the methods of the forwarded API, and only with canonical paths (wire.targets). 
 outside that is refused (``Forbidden``): logged, answered with an error reply, tunnel kept.
 """
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
 
 import httpx
@@ -65,10 +65,12 @@ class LLMClient:
         return headers
 
     @asynccontextmanager
-    async def stream(self, request: Request) -> AsyncIterator[httpx.Response]:
+    async def stream(self, request: Request, body: AsyncIterable[bytes] | None = None) -> AsyncIterator[httpx.Response]:
+        """The LLM's response; the request's body is ``body`` as it streams, if given."""
         target = self.target(request)
         headers = self.headers(request)
-        response = await self._transport.send(self.origin, request.method, target, headers, request.body)
+        data = request.body if body is None else body
+        response = await self._transport.send(self.origin, request.method, target, headers, data)
         try:
             yield response
         finally:

@@ -4,11 +4,16 @@ httpx stays the client API, but its default pool is the connector's biggest cost
 httpx issue): it writes a request's head and body separately and does a great deal of
 bookkeeping per request. This transport writes each request in one go, parses with h11
 (httpx's own HTTP/1.1 parser) and keeps idle connections for reuse.
+
+A streamed body (an audio upload) goes out chunked as it arrives, while the response is
+awaited: chunked framing says exactly what the connector got, where a Content-Length
+taken from the user would be a claim the LLM could see broken mid-body; every HTTP/1.1
+server must accept it (RFC 9112 6.1).
 """
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 
 import h11
 import httpx
@@ -21,7 +26,7 @@ Origin = tuple[str, str, int]  # scheme, host, port: fixed by --llm-url, never b
 
 
 class _Connection:
-    __slots__ = ("h11", "origin", "reader", "reused", "writer")
+    __slots__ = ("h11", "origin", "reader", "reused", "upload", "writer")
 
     def __init__(self, origin: Origin, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.origin = origin
@@ -29,6 +34,7 @@ class _Connection:
         self.writer = writer
         self.h11 = h11.Connection(h11.CLIENT)
         self.reused = False
+        self.upload: asyncio.Task[None] | None = None  # a streamed body still being written
 
     async def next_event(self) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]:
         while True:
@@ -38,7 +44,24 @@ class _Connection:
             self.h11.receive_data(await self.reader.read(READ_SIZE))
 
     def close(self) -> None:
+        if self.upload is not None:
+            self.upload.cancel()
         self.writer.close()
+
+    async def write_body(self, body: AsyncIterable[bytes]) -> None:
+        """Write a streamed body as the LLM's socket takes it: ``drain`` waits while the
+        buffers are full, and the next piece is asked for only then (which is what grants
+        the broker credit for more)."""
+        try:
+            async for data in body:
+                self.writer.write(self.h11.send(h11.Data(data=data)) or b"")
+                await self.writer.drain()
+            self.writer.write(self.h11.send(h11.EndOfMessage()) or b"")
+            await self.writer.drain()
+        except (OSError, h11.LocalProtocolError):
+            # The LLM answered early (or the socket broke, which the response side sees
+            # too): stop writing, and let what it answered be read.
+            return
 
 
 def _serialize(conn: h11.Connection, head: h11.Request, body: bytes) -> bytes:
@@ -55,21 +78,32 @@ class LLMTransport:
         self._ssl = ssl.create_default_context()
 
     async def send(
-        self, origin: Origin, method: str, target: bytes, headers: list[tuple[bytes, bytes]], data: bytes
+        self,
+        origin: Origin,
+        method: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        data: bytes | AsyncIterable[bytes],
     ) -> httpx.Response:
-        """One request to ``origin``; its response with the body still to be read."""
+        """One request to ``origin``; its response with the body still to be read. A body
+        given as an iterable is streamed, on a fresh connection (it cannot be sent twice)."""
+        streamed = not isinstance(data, bytes)
+        if isinstance(data, bytes):
+            framing = [(b"content-length", b"%d" % len(data))] if data else []
+        else:
+            framing = [(b"transfer-encoding", b"chunked")]
         try:
-            head = h11.Request(
-                method=method,
-                target=target,
-                headers=[*headers, *([(b"content-length", b"%d" % len(data))] if data else [])],
-            )
+            head = h11.Request(method=method, target=target, headers=[*headers, *framing])
         except h11.LocalProtocolError:
             raise httpx.LocalProtocolError("the request is not valid HTTP/1.1") from None
         while True:
-            conn = await self._connection(origin)
+            conn = await self._connection(origin, fresh=streamed)
             try:
-                conn.writer.write(_serialize(conn.h11, head, data))
+                if isinstance(data, bytes):
+                    conn.writer.write(_serialize(conn.h11, head, data))
+                else:
+                    conn.writer.write(conn.h11.send(head) or b"")
+                    conn.upload = asyncio.create_task(conn.write_body(data))
                 response = await conn.next_event()
                 break
             except (OSError, h11.ProtocolError) as exc:
@@ -91,9 +125,9 @@ class LLMTransport:
             extensions={"http_version": b"HTTP/1.1"},
         )
 
-    async def _connection(self, origin: Origin) -> _Connection:
+    async def _connection(self, origin: Origin, *, fresh: bool = False) -> _Connection:
         idle = self._idle.get(origin)
-        if idle:
+        if idle and not fresh:
             conn = idle.pop()
             conn.reused = True
             return conn
@@ -111,6 +145,7 @@ class LLMTransport:
         """Back to the pool if the exchange ended cleanly and both sides keep the connection."""
         if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
             conn.h11.start_next_cycle()
+            conn.upload = None  # (written whole: what it was is done)
             idle = self._idle.setdefault(conn.origin, [])
             if len(idle) < MAX_IDLE:
                 idle.append(conn)

@@ -10,6 +10,7 @@ as long as the broker's resume grace allows; only then is the session lost.
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -29,6 +30,7 @@ from wire import (
     REPLY_PATH,
     SESSION_HEADER,
     SHORT_POLL_QUERY,
+    Body,
     Cancel,
     Coalescer,
     ConnectorConnection,
@@ -95,6 +97,7 @@ class Session:
         self.conn = ConnectorConnection(Limits(max_streams=settings.max_requests))
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self._credit: dict[int, asyncio.Event] = {}  # requests waiting for the broker's Credit
+        self._bodies: dict[int, asyncio.Queue[Body]] = {}  # streamed bodies (within our credit)
         self._wake = asyncio.Event()  # frames (or an acknowledgement) for the uplink
         self._restart_uplink = asyncio.Event()
         self._coalescer = Coalescer()
@@ -256,6 +259,10 @@ class Session:
             waiting = self._credit.get(frame.id)  # type: ignore[union-attr]
             if waiting is not None:
                 waiting.set()
+        elif kind is Body:
+            body = self._bodies.get(frame.id)  # type: ignore[union-attr]
+            if body is not None:
+                body.put_nowait(frame)  # type: ignore[arg-type]
         elif kind is Cancel:
             self._cancel(frame.id)  # type: ignore[union-attr]
         elif kind is Ping:
@@ -363,9 +370,8 @@ class Session:
     # --- requests -------------------------------------------------------------------
 
     def _start(self, request: Request) -> None:
-        if request.more_body:  # (the broker streams no bodies yet; refused until the LLM side can take one)
-            self.conn.end(request.id, "refused", "this connector takes no streamed request bodies")
-            return
+        if request.more_body:  # (bounded: the broker sends no more than the credit we grant)
+            self._bodies[request.id] = asyncio.Queue()
         task = asyncio.create_task(self._serve(request))
         self.tasks[request.id] = task
         task.add_done_callback(lambda _: self.tasks.pop(request.id, None))
@@ -388,6 +394,7 @@ class Session:
             meter.close()  # a stream cut short: its tokens are estimated from what was delivered
         finally:
             self._credit.pop(request.id, None)
+            self._bodies.pop(request.id, None)
         used = meter.result()
         tokens = (used.prompt_tokens, used.completion_tokens)
         self.conn.end(request.id, error, detail, tokens=tokens, usage=used.source)
@@ -399,7 +406,8 @@ class Session:
         conn, request_id = self.conn, request.id
         started = time.perf_counter()
         try:
-            async with self.llm.stream(request) as response:
+            body = self._streamed_body(request) if request.more_body else None
+            async with self.llm.stream(request, body) as response:
                 meter.start(response.status_code, response.headers.get("content-type"))
                 raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers.raw]
                 if meter.strip:  # the body will be shorter than the LLM said: let it be framed anew
@@ -423,6 +431,22 @@ class Session:
             log.exception("request %d failed", request_id)
             return "internal", type(exc).__name__
         return None, ""
+
+    async def _streamed_body(self, request: Request) -> AsyncIterator[bytes]:
+        """A streamed request body as the broker sends it. Each piece is paid back in credit
+        once the LLM's socket took it: the transport asks for the next one only then."""
+        queue, request_id = self._bodies[request.id], request.id
+        if request.body:
+            yield request.body  # the head the broker read to route it (outside the credit)
+        more = True
+        while more:
+            frame = await queue.get()
+            more = frame.more
+            if frame.data:
+                yield frame.data
+            self.conn.consumed(request_id, len(frame.data))
+            if self.conn.wants_write:
+                self._wake.set()
 
     async def _send_chunk(self, request_id: int, data: bytes) -> None:
         """Send ``data`` as the broker's credit allows, waiting for more when it runs out."""

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from fakellm.common import Body, Exchange, Failed
@@ -75,7 +76,9 @@ async def _read_form(x: Exchange) -> dict[str, Any] | None:
     except ValueError as exc:
         raise Failed(400, str(exc), "invalid_request") from None
     part = _Part("", None)
-    async for chunk in x.conn.body():
+    if x.knobs.hold_body:  # a slow LLM: what the bridge holds meanwhile is bounded
+        await x.llm.released.wait()
+    async for chunk in _counted(x):
         whole.update(chunk)
         size += len(chunk)
         for event in form.feed(chunk):
@@ -91,6 +94,16 @@ async def _read_form(x: Exchange) -> dict[str, Any] | None:
     x.record["form"] = fields
     x.record["upload"] = upload
     return upload
+
+
+async def _counted(x: Exchange) -> AsyncIterator[bytes]:
+    """The body as it arrives; one cut short counts as cancelled: the client went away."""
+    try:
+        async for chunk in x.conn.body():
+            yield chunk
+    except (ConnectionError, asyncio.IncompleteReadError):
+        x.llm.cancelled += 1
+        raise
 
 
 async def speech(x: Exchange) -> None:

@@ -35,6 +35,7 @@ class Knobs(msgspec.Struct, forbid_unknown_fields=True):
     status: Annotated[int, msgspec.Meta(ge=200, le=599)] | None = None  # error reply
     echo_headers: bool = False  # reply content = JSON of the received headers
     pad_bytes: int | None = msgspec.field(default=None, name="bytes")  # reply ~N bytes (speech: exactly N)
+    hold_body: bool = False  # uploads: read none of the body until POST /_fake/release
 
 
 class Body(msgspec.Struct):

@@ -93,6 +93,7 @@ class FakeLLM:
         self.requests = 0
         self.active_streams = 0
         self.cancelled = 0
+        self.released = asyncio.Event()  # uploads with the `hold_body` knob wait for it
         self.last_requests: deque[dict[str, Any]] = deque(maxlen=50)
         self.responses = responses_api.Store()
         self.serial = itertools.count(1)  # for ids: unlike `requests`, never reset
@@ -102,6 +103,7 @@ class FakeLLM:
         self._local: dict[tuple[str, str], Handler] = {
             ("GET", "/_fake/state"): self._state,
             ("POST", "/_fake/reset"): self._reset,
+            ("POST", "/_fake/release"): self._release,
         }
 
     def state(self) -> dict[str, Any]:
@@ -190,6 +192,11 @@ class FakeLLM:
 
     async def _state(self, x: Exchange) -> None:
         await x.send_json(self.state())
+
+    async def _release(self, x: Exchange) -> None:
+        """Uploads held by the `hold_body` knob are read from now on."""
+        self.released.set()
+        await self._state(x)
 
     async def _reset(self, x: Exchange) -> None:
         self.reset()
