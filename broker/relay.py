@@ -384,7 +384,10 @@ class _BeforeHead(NamedTuple):
 async def _respond(exchange: Exchange, send: Send, settings: Settings, out: _Outcome) -> _BeforeHead | None:
     """Relay one attempt; None once a response went out, whole or cut."""
     out.ended = False
-    event = await _next(exchange, settings.first_byte_timeout)
+    wait = settings.first_byte_timeout
+    if out.upload is not None:  # the first-byte clock starts once the upload may be complete
+        wait += max(0.0, out.upload.deadline - asyncio.get_running_loop().time())
+    event = await _next(exchange, wait)
     if not isinstance(event, Head):
         out.ended = isinstance(event, End)
         out.result = _describe(event)

@@ -34,6 +34,11 @@ class Upload:
         self.streamed = 0  # bytes after the head
         self.refused: BodyRefused | None = None  # too large or too slow: the request is interrupted
 
+    @property
+    def deadline(self) -> float:
+        """Loop time by which the whole body must have arrived (the LLM answers after it)."""
+        return self._deadline
+
     def opened(self, exchange: Exchange) -> None:
         """The request is open at a connector: the rest of the body may go."""
         if not self._opened.done():
