@@ -41,7 +41,10 @@ class Accounting:
     def start(self) -> None:
         """In the running loop: the limiter's Redis client and the store's flusher need it."""
         settings = self._settings
-        self.limiter = RedisLimiter(redis_client(settings.redis_url)) if settings.redis_url else MemoryLimiter()
+        if settings.redis_url:
+            self.limiter = RedisLimiter(redis_client(settings.redis_url), on_unreachable=settings.redis_unreachable)
+        else:
+            self.limiter = MemoryLimiter()
         self.store = UsageStore.open(settings.database, retention_days=settings.usage_retention_days)
 
     async def aclose(self) -> None:

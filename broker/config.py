@@ -56,6 +56,12 @@ def _log_format(value: object) -> str:
     return str(value)
 
 
+def _redis_policy(value: object) -> str:
+    if value not in ("local", "refuse"):
+        raise ValueError("must be local or refuse")
+    return str(value)
+
+
 # Every broker setting a CLI flag, an environment variable or the YAML file may carry,
 # with the one function that validates it from any of the three.
 SETTINGS: dict[str, Any] = {
@@ -80,6 +86,7 @@ SETTINGS: dict[str, Any] = {
     "response_ttl": _positive(float),
     "database": _text,
     "redis_url": _text,
+    "redis_unreachable": _redis_policy,
     "usage_retention_days": _positive(int),
 }
 _CONNECTOR_KEYS = frozenset({"name", "token", "llm_api_key", "models", "max_concurrent", "allowed_paths"})

@@ -14,6 +14,7 @@ from argparse_dataclass import ArgumentParser
 from broker.config import SETTINGS, ConfigError, ConnectorSpec, load_file
 from broker.database import DEFAULT_DATABASE
 from broker.keys import parse_secret
+from broker.limits_redis import RedisPolicy
 from broker.users import User
 from wire import DEFAULT_LIMITS, MAX_FRAME_SIZE, Limits
 
@@ -42,6 +43,10 @@ class BrokerArgs:
     )
     redis_url: str | None = field(
         default=None, metadata={"type": str, "metavar": "URL", "help": "Redis shared by several brokers (limits)"}
+    )
+    redis_unreachable: str | None = field(
+        default=None,
+        metadata={"type": str, "choices": ["local", "refuse"], "help": "limits while Redis is down (local)"},
     )
     usage_retention_days: int | None = field(
         default=None, metadata={"type": int, "help": "days each request's usage row is kept (90; hourly sums stay)"}
@@ -127,6 +132,8 @@ class Settings:
     response_ttl: float = 30 * 24 * 3600.0  # as long as OpenAI keeps a stored response
     database: str = DEFAULT_DATABASE  # usage: a SQLite path or postgresql:// URL
     redis_url: str | None = None  # limits shared by several brokers
+    # While Redis is unreachable: each broker enforces the limits alone, or refuses limited requests (503).
+    redis_unreachable: RedisPolicy = "local"
     usage_retention_days: int = 90
     users: tuple[User, ...] = ()  # named users (connectors.yaml)
     admin_key_digests: tuple[bytes, ...] = ()

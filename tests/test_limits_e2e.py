@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from tests.servers import start_redis
-from tests.support import BrokerHandle, Stack
+from tests.support import BrokerHandle, Stack, free_port
 
 CONFIG = """
 users:
@@ -84,3 +84,18 @@ def test_ten_thousand_cancelled_streams_leave_every_parallel_slot_free(stack: St
     statuses, after = asyncio.run(run())
     assert set(statuses) <= {200, 429} and statuses.count(200) >= 1_000, {s: statuses.count(s) for s in set(statuses)}
     assert after == [200] * 5
+
+
+@pytest.mark.parametrize(("policy", "status"), [("local", 200), ("refuse", 503)])
+def test_the_policy_while_redis_is_unreachable_is_the_operators(stack: Stack, policy: str, status: int) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    env = {"REMOTELLM_REDIS_URL": dead, "REMOTELLM_REDIS_UNREACHABLE": policy}
+    broker = stack.broker(CONFIG.replace("{n}", "0"), user_keys=(), env=env, via="module")
+    stack.connector(broker.url, "tok-0", stack.llm("m"), "m")
+    broker.wait_models("m")
+    resp = httpx.post(
+        broker.url + "/v1/chat/completions", json={"model": "m"}, headers={"authorization": "Bearer sk-team"}
+    )
+    assert resp.status_code == status, resp.text
+    if status == 503:
+        assert resp.json()["error"]["code"] == "limits_unavailable"
