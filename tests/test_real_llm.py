@@ -42,7 +42,10 @@ MODEL = "smollm2"
 USER_KEY = "sk-user"
 LLM_KEY = "sk-llm-real"
 TOKEN = "ct-real"
+CASES = [(True, False), (True, True), (False, False)]  # (stream, asked for usage), each its own user
 CONFIG = f"""
+users:
+{"".join(f"  - name: meter-{i}{chr(10)}    key: sk-meter-{i}{chr(10)}" for i in range(len(CASES)))}
 connectors:
   - name: real
     token: {TOKEN}
@@ -239,9 +242,11 @@ def test_messages_with_the_anthropic_sdk_and_an_x_api_key(cluster: RealCluster) 
     assert raw.status_code == 200 and raw.json()["type"] == "message"
 
 
-@pytest.mark.parametrize(("stream", "asked"), [(True, False), (True, True), (False, False)])
-def test_usage_through_the_bridge_is_what_the_llm_reports(cluster: RealCluster, stream: bool, asked: bool) -> None:
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_usage_through_the_bridge_is_what_the_llm_reports(cluster: RealCluster, case: int) -> None:
     """Recorded usage equals llama.cpp's own count; the client gets usage only if it asked."""
+    stream, asked = CASES[case]
+    key = f"sk-meter-{case}"
     body: dict[str, object] = {"model": MODEL, "messages": [{"role": "user", "content": "Count to five."}],
                                "max_tokens": 24, "temperature": 0, "stream": stream}  # fmt: skip
     if asked:
@@ -249,21 +254,17 @@ def test_usage_through_the_bridge_is_what_the_llm_reports(cluster: RealCluster, 
     reported = _reported_usage(cluster, body)
 
     def used() -> dict[str, int]:
-        rows = httpx.get(
-            cluster.broker.url + "/v1/usage?group_by=user", headers={"authorization": f"Bearer {USER_KEY}"}
-        )
+        rows = httpx.get(cluster.broker.url + "/v1/usage?group_by=user", headers={"authorization": f"Bearer {key}"})
         data = rows.json()["data"]
         return {k: int(v) for k, v in data[0].items() if k != "user"} if data else {}
 
-    before = used()
     through = httpx.post(cluster.broker.url + "/v1/chat/completions", json=body,
-                         headers={"authorization": f"Bearer {USER_KEY}"}, timeout=60)  # fmt: skip
+                         headers={"authorization": f"Bearer {key}"}, timeout=60)  # fmt: skip
     assert through.status_code == 200
     assert (b'"usage"' in through.content) is (asked or not stream)
-    wait_until(lambda: used().get("requests", 0) > before.get("requests", 0), what="the usage row")
-    after = used()
-    assert after["prompt_tokens"] - before.get("prompt_tokens", 0) == reported["prompt_tokens"]
-    assert after["completion_tokens"] - before.get("completion_tokens", 0) == reported["completion_tokens"]
+    after = wait_until(lambda: used().get("requests") == 1 and used(), what="the usage row")
+    assert after["prompt_tokens"] == reported["prompt_tokens"]
+    assert after["completion_tokens"] == reported["completion_tokens"]
 
 
 def _reported_usage(cluster: RealCluster, body: dict[str, object]) -> dict[str, int]:

@@ -28,6 +28,8 @@ users:
     key: sk-bob
   - name: erin
     key: sk-erin
+  - name: frank
+    key: sk-frank
 connectors:
   - name: box
     token: tok-box
@@ -190,23 +192,21 @@ def test_a_stream_is_metered_and_the_client_gets_what_the_llm_sends_unasked(team
     """The connector asks the LLM for usage on the client's behalf and strips it again."""
     body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "four words of prompt"}],
             "fake": {"chunks": 7}}  # fmt: skip
-    through = httpx.post(team.broker.url + "/v1/chat/completions", json=body, headers=auth("sk-bob"), timeout=20)
+    url = team.broker.url + "/v1/chat/completions"
+    through = httpx.post(url, json=body, headers=auth("sk-frank"), timeout=20)
     assert through.status_code == 200
     assert b'"usage"' not in through.content and through.content.endswith(b"data: [DONE]\n\n")
     asked = {**body, "stream_options": {"include_usage": True}}
-    with_usage = httpx.post(team.broker.url + "/v1/chat/completions", json=asked, headers=auth("sk-bob"), timeout=20)
+    with_usage = httpx.post(url, json=asked, headers=auth("sk-frank"), timeout=20)
     assert with_usage.content.count(b'"usage"') == 1  # asked for: relayed as the LLM sent it
 
-    def bobs() -> dict[str, int]:
-        rows = team.usage("sk-bob", "group_by=user").json()["data"]
+    def franks() -> dict[str, int]:
+        rows = team.usage("sk-frank", "group_by=user").json()["data"]
         return {k: int(v) for k, v in rows[0].items() if k != "user"} if rows else {}
 
-    before = bobs()
-    assert httpx.post(team.broker.url + "/v1/chat/completions", json=body, headers=auth("sk-bob")).status_code == 200
-    wait_until(lambda: bobs().get("requests", 0) == before.get("requests", 0) + 1, what="the usage row")
-    after = bobs()
-    assert after["completion_tokens"] - before.get("completion_tokens", 0) == 7
-    assert after["prompt_tokens"] - before.get("prompt_tokens", 0) == 4
+    totals = wait_until(lambda: franks().get("requests") == 2 and franks(), what="both usage rows")
+    assert totals["completion_tokens"] == 2 * 7
+    assert totals["prompt_tokens"] == 2 * 4
 
 
 def test_a_stream_the_user_cuts_is_counted_from_what_was_delivered_and_marked_estimated(team: Team) -> None:
