@@ -2,6 +2,8 @@
 
 Each server runs in its own session so that one killpg stops it with anything it
 spawned, on success, on an exception and on Ctrl-C alike. Every wait is bounded.
+Each broker writes its usage database into its stack's log directory, never into
+the source tree it runs from.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ MODEL = "m"
 USER_KEY = "sk-bench"
 TOKEN = "tok-bench"
 _CONFIG = f"connectors:\n  - name: bench\n    token: {TOKEN}\n    max_concurrent: 2000\n"
+_DATABASE = "usage.db"
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _START_TIMEOUT = 20.0
@@ -85,9 +88,9 @@ class Proc:
             os.killpg(self.popen.pid, signal.SIGKILL)
 
 
-def _spawn(name: str, args: list[str], src: Path, logs: Path) -> Proc:
+def _spawn(name: str, args: list[str], src: Path, logs: Path, env: dict[str, str] | None = None) -> Proc:
     log = logs / f"{name}.log"
-    env = {**os.environ, "PYTHONPATH": str(src), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONPATH": str(src), "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log, "wb") as out:
         popen = subprocess.Popen(
             [sys.executable, *args],
@@ -159,6 +162,8 @@ class Stack:
         self.llm_port = found[0]
         config = self.logs / "connectors.yaml"
         config.write_text(_CONFIG)
+        for stale in self.logs.glob(f"{_DATABASE}*"):  # a previous run's rows, journal and WAL
+            stale.unlink()
         self.broker_port = free_port()
         broker = self.procs["broker"] = _spawn(
             "broker",
@@ -176,6 +181,7 @@ class Stack:
             ],
             self.src,
             self.logs,
+            {"REMOTELLM_DATABASE": str(self.database)},
         )
         _wait("broker", broker, lambda: _health(self.broker_port) is not None)
         connector = self.procs["connector"] = _spawn(
@@ -203,6 +209,11 @@ class Stack:
             return isinstance(models, list) and MODEL in models
 
         _wait("connector (via broker /health)", connector, serving)
+
+    @property
+    def database(self) -> Path:
+        """The broker's usage database (SQLite)."""
+        return self.logs / _DATABASE
 
     def pids(self) -> dict[str, int]:
         return {name: p.pid for name, p in self.procs.items()}
