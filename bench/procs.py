@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -26,6 +27,15 @@ MODEL = "m"
 USER_KEY = "sk-bench"
 TOKEN = "tok-bench"
 _CONFIG = f"connectors:\n  - name: bench\n    token: {TOKEN}\n    max_concurrent: 2000\n"
+LIMITED_USER = "bench-limited"
+LIMITED_KEY = "sk-bench-limited"
+# Adds a named user with every limit set, far above what the benchmark reaches: each of its
+# requests is admitted and settled, none is refused.
+LIMITED_CONFIG = _CONFIG + (
+    f"users:\n  - name: {LIMITED_USER}\n    key: {LIMITED_KEY}\n    limits:\n"
+    "      requests_per_minute: 1000000000\n      tokens_per_minute: 1000000000000\n"
+    "      max_parallel: 1000000\n      tokens_per_day: 1000000000000000\n"
+)
 _DATABASE = "usage.db"
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -133,6 +143,7 @@ class Stack:
 
     src: Path
     logs: Path
+    config: str = _CONFIG  # connectors.yaml
     procs: dict[str, Proc] = field(default_factory=dict)
     llm_port: int = 0
     broker_port: int = 0
@@ -161,7 +172,7 @@ class Stack:
         _wait("fakellm", llm, listening)
         self.llm_port = found[0]
         config = self.logs / "connectors.yaml"
-        config.write_text(_CONFIG)
+        config.write_text(self.config)
         for stale in self.logs.glob(f"{_DATABASE}*"):  # a previous run's rows, journal and WAL
             stale.unlink()
         self.broker_port = free_port()
@@ -214,6 +225,19 @@ class Stack:
     def database(self) -> Path:
         """The broker's usage database (SQLite)."""
         return self.logs / _DATABASE
+
+    def usage_rows(self) -> dict[str | None, int]:
+        """Rows the broker's usage store has written so far, by user (None: unnamed keys)."""
+        if not self.database.exists():
+            return {}
+        with contextlib.closing(sqlite3.connect(f"{self.database.as_uri()}?mode=ro", uri=True, timeout=5)) as db:
+            try:
+                rows = db.execute('SELECT "user", count(*) FROM usage_requests GROUP BY "user"').fetchall()
+            except sqlite3.OperationalError as exc:
+                if "no such table" in str(exc):  # the store creates it before its first write
+                    return {}
+                raise
+        return dict(rows)
 
     def pids(self) -> dict[str, int]:
         return {name: p.pid for name, p in self.procs.items()}
