@@ -244,6 +244,16 @@ def _loop_jobs(
     return make, warm
 
 
+_RELAY_CPU = "broker+connector CPU µs/request"
+
+
+def _relay_cpu(runs: list[Summary]) -> None:
+    """Adds the broker's and the connector's CPU per request to each THROUGH run."""
+    for summary in runs:
+        relay_s = summary["cpu_s"]["broker"] + summary["cpu_s"]["connector"]
+        summary["relay_us_per_request"] = relay_s * 1e6 / max(1, summary["completed"])
+
+
 def chat(bench: Bench) -> None:
     """1: non-streaming chat, closed loop at concurrency 1, 4, 16, 64."""
     r = Runner(bench, bench.shared_stack(), "1 chat")
@@ -256,10 +266,8 @@ def chat(bench: Bench) -> None:
         r.row(runs, f"{label} latency p99 (ms)", "lat_p99_ms", delta=True)
         r.row(runs, f"{label} requests/s", "rps")
         r.row(runs, f"{label} X-Remotellm-Overhead-Ms p50", "overhead_p50_ms")
-        for summary in runs["THROUGH"]:
-            relay_s = summary["cpu_s"]["broker"] + summary["cpu_s"]["connector"]
-            summary["relay_us_per_request"] = relay_s * 1e6 / max(1, summary["completed"])
-        r.through_row(runs, f"{label} broker+connector CPU µs/request", "relay_us_per_request")
+        _relay_cpu(runs["THROUGH"])
+        r.through_row(runs, f"{label} {_RELAY_CPU}", "relay_us_per_request")
         r.bad_row(runs, label)
 
 
@@ -376,7 +384,12 @@ _USERS: dict[Arm, tuple[str, str | None]] = {
     "unlimited key": (USER_KEY, None),
     "limited user": (LIMITED_KEY, LIMITED_USER),
 }
-_LOOP_METRICS = (("latency p50 (ms)", "lat_p50_ms"), ("latency p99 (ms)", "lat_p99_ms"), ("requests/s", "rps"))
+_LOOP_METRICS = (
+    ("latency p50 (ms)", "lat_p50_ms"),
+    ("latency p99 (ms)", "lat_p99_ms"),
+    ("requests/s", "rps"),
+    (_RELAY_CPU, "relay_us_per_request"),
+)
 
 
 def accounting(bench: Bench) -> None:
@@ -393,6 +406,8 @@ def accounting(bench: Bench) -> None:
             label = f"c={c}"
             make, warm = _loop_jobs(r, _chat(), c, bench.plan)
             runs = r.interleave(label, make, bench.plan.reps, warm)
+            for arm_runs in runs.values():
+                _relay_cpu(arm_runs)
             for metric, key in _LOOP_METRICS:
                 _compare(r, runs, f"{label} {metric}", key)
             r.bad_row(runs, label)
