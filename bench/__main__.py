@@ -22,14 +22,16 @@ from bench.scenarios import SCENARIOS, Bench, Plan, log
 from bench.workers import Pool, WorkerError
 
 HERE = Path(__file__).resolve().parent
-_ORDER = (1, 2, 3, 5, 4)  # 4 runs on stacks of its own: run it after the shared stack is gone
+_ORDER = (1, 2, 3, 5, 6, 4)
+_OWN_STACKS = (6, 4)  # run on stacks of their own: after the shared stack is gone
 _FDS = 16384  # 1,000 streams need ~2,000 descriptors in the fake LLM alone
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[1])
     parser.add_argument("--quick", action="store_true", help="a ~1 minute smoke run (one repetition, short runs)")
-    parser.add_argument("--scenarios", default="1,2,3,4,5", help="comma-separated subset of 1-5 (default: all)")
+    every = ",".join(map(str, sorted(SCENARIOS)))
+    parser.add_argument("--scenarios", default=every, help=f"comma-separated subset of {every} (default: all)")
     parser.add_argument("--reps", type=int, help="repetitions per configuration (default 3, quick 1)")
     parser.add_argument("--workers", type=int, default=1, help="client processes for closed-loop runs (default 1)")
     parser.add_argument("--src", type=Path, default=HERE.parent, help="tree whose broker/connector/fakellm run")
@@ -40,7 +42,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     except ValueError:
         parser.error("--scenarios takes numbers, e.g. 1,3")
     if not args.selected or not set(args.selected) <= set(SCENARIOS):
-        parser.error("--scenarios must name scenarios among 1-5")
+        parser.error(f"--scenarios must name scenarios among {every}")
     if args.workers < 1 or (args.reps is not None and args.reps < 1):
         parser.error("--workers and --reps must be at least 1")
     return args
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(pool=pool, src=src, logs=logs, plan=plan, workers=args.workers)
     try:
         for number in (n for n in _ORDER if n in args.selected):
-            if number == 4:
+            if number in _OWN_STACKS:
                 bench.close()
             log(f"scenario {(SCENARIOS[number].__doc__ or str(number)).splitlines()[0]}")
             try:

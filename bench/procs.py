@@ -2,6 +2,8 @@
 
 Each server runs in its own session so that one killpg stops it with anything it
 spawned, on success, on an exception and on Ctrl-C alike. Every wait is bounded.
+Each broker writes its usage database into its stack's log directory, never into
+the source tree it runs from.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -24,6 +27,16 @@ MODEL = "m"
 USER_KEY = "sk-bench"
 TOKEN = "tok-bench"
 _CONFIG = f"connectors:\n  - name: bench\n    token: {TOKEN}\n    max_concurrent: 2000\n"
+LIMITED_USER = "bench-limited"
+LIMITED_KEY = "sk-bench-limited"
+# Adds a named user with every limit set, far above what the benchmark reaches: each of its
+# requests is admitted and settled, none is refused.
+LIMITED_CONFIG = _CONFIG + (
+    f"users:\n  - name: {LIMITED_USER}\n    key: {LIMITED_KEY}\n    limits:\n"
+    "      requests_per_minute: 1000000000\n      tokens_per_minute: 1000000000000\n"
+    "      max_parallel: 1000000\n      tokens_per_day: 1000000000000000\n"
+)
+_DATABASE = "usage.db"
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _START_TIMEOUT = 20.0
@@ -85,9 +98,9 @@ class Proc:
             os.killpg(self.popen.pid, signal.SIGKILL)
 
 
-def _spawn(name: str, args: list[str], src: Path, logs: Path) -> Proc:
+def _spawn(name: str, args: list[str], src: Path, logs: Path, env: dict[str, str] | None = None) -> Proc:
     log = logs / f"{name}.log"
-    env = {**os.environ, "PYTHONPATH": str(src), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONPATH": str(src), "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log, "wb") as out:
         popen = subprocess.Popen(
             [sys.executable, *args],
@@ -130,6 +143,7 @@ class Stack:
 
     src: Path
     logs: Path
+    config: str = _CONFIG  # connectors.yaml
     procs: dict[str, Proc] = field(default_factory=dict)
     llm_port: int = 0
     broker_port: int = 0
@@ -158,7 +172,9 @@ class Stack:
         _wait("fakellm", llm, listening)
         self.llm_port = found[0]
         config = self.logs / "connectors.yaml"
-        config.write_text(_CONFIG)
+        config.write_text(self.config)
+        for stale in self.logs.glob(f"{_DATABASE}*"):  # a previous run's rows, journal and WAL
+            stale.unlink()
         self.broker_port = free_port()
         broker = self.procs["broker"] = _spawn(
             "broker",
@@ -176,6 +192,7 @@ class Stack:
             ],
             self.src,
             self.logs,
+            {"REMOTELLM_DATABASE": str(self.database)},
         )
         _wait("broker", broker, lambda: _health(self.broker_port) is not None)
         connector = self.procs["connector"] = _spawn(
@@ -203,6 +220,24 @@ class Stack:
             return isinstance(models, list) and MODEL in models
 
         _wait("connector (via broker /health)", connector, serving)
+
+    @property
+    def database(self) -> Path:
+        """The broker's usage database (SQLite)."""
+        return self.logs / _DATABASE
+
+    def usage_rows(self) -> dict[str | None, int]:
+        """Rows the broker's usage store has written so far, by user (None: unnamed keys)."""
+        if not self.database.exists():
+            return {}
+        with contextlib.closing(sqlite3.connect(f"{self.database.as_uri()}?mode=ro", uri=True, timeout=5)) as db:
+            try:
+                rows = db.execute('SELECT "user", count(*) FROM usage_requests GROUP BY "user"').fetchall()
+            except sqlite3.OperationalError as exc:
+                if "no such table" in str(exc):  # the store creates it before its first write
+                    return {}
+                raise
+        return dict(rows)
 
     def pids(self) -> dict[str, int]:
         return {name: p.pid for name, p in self.procs.items()}

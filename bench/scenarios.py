@@ -1,8 +1,9 @@
-"""The five scenarios of the overhead benchmark, each DIRECT and THROUGH, interleaved.
+"""The six scenarios of the overhead benchmark, each comparing two arms, interleaved.
 
 DIRECT is client -> fake LLM; THROUGH is client -> broker -> tunnel -> connector ->
-fake LLM, against the same fake LLM process. Runs alternate D,T / T,D so that slow
-drift of the machine hits both modes alike; each metric is the median over
+fake LLM, against the same fake LLM process. Scenarios 1-5 compare DIRECT with
+THROUGH; scenario 6 compares two users, both THROUGH. Runs alternate A,B / B,A so
+that slow drift of the machine hits both arms alike; each metric is the median over
 repetitions. Connection setup is never timed: the client connects, then starts.
 """
 
@@ -11,20 +12,25 @@ from __future__ import annotations
 import os
 import statistics
 import sys
+import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from bench.client import Job, Mode, Result, build_request
-from bench.procs import HOST, MODEL, USER_KEY, Probe, Stack
+from bench.procs import HOST, LIMITED_CONFIG, LIMITED_KEY, LIMITED_USER, MODEL, USER_KEY, Probe, Stack
 from bench.workers import Pool
 
 Via = Literal["DIRECT", "THROUGH"]
 VIAS: tuple[Via, Via] = ("DIRECT", "THROUGH")
+Arm = str  # one side of a comparison: a Via, or (scenario 6) a user THROUGH
 PATH = "/v1/chat/completions"
 _GRACE = 20.0  # seconds a run may overstay its plan; slower answers count as failures
+_STORE_WAIT = 10.0  # seconds the usage store may take to write the last requests' rows
 Summary = dict[str, Any]
+Runs = dict[Arm, list[Summary]]  # every run's summary, per arm
 
 
 @dataclass(frozen=True)
@@ -130,22 +136,31 @@ def _median(runs: list[Summary], key: str) -> float | None:
 
 
 class Runner:
-    """Runs one configuration in both modes and keeps every run's summary."""
+    """Runs one configuration in both arms and keeps every run's summary.
 
-    def __init__(self, bench: Bench, stack: Stack, scenario: str) -> None:
+    An arm is a way in (DIRECT or THROUGH) and the API key it sends; by default the
+    arms are DIRECT and THROUGH with the unnamed key.
+    """
+
+    def __init__(
+        self, bench: Bench, stack: Stack, scenario: str, arms: dict[Arm, tuple[Via, str]] | None = None
+    ) -> None:
         self.bench = bench
         self.stack = stack
         self.scenario = scenario
+        self.arms = arms or {via: (via, USER_KEY) for via in VIAS}
+        self.sent: Counter[Arm] = Counter()  # requests sent per arm, warm-ups included
 
     def port(self, via: Via) -> int:
         return self.stack.llm_port if via == "DIRECT" else self.stack.broker_port
 
-    def job(self, via: Via, body: dict[str, object], connections: int, mode: Mode, **kw: Any) -> Job:
+    def job(self, arm: Arm, body: dict[str, object], connections: int, mode: Mode, **kw: Any) -> Job:
+        via, key = self.arms[arm]
         port = self.port(via)
-        request = build_request(HOST, port, PATH, body, USER_KEY)
+        request = build_request(HOST, port, PATH, body, key)
         return Job(HOST, port, request, connections, mode, **kw)
 
-    def measure(self, label: str, via: Via, job: Job, *, rss: bool = False, record: bool = True) -> Summary:
+    def measure(self, label: str, arm: Arm, job: Job, *, rss: bool = False, record: bool = True) -> Summary:
         procs = {name: [pid] for name, pid in self.stack.pids().items()}
         procs["client"] = self.bench.pool.pids
         procs["bench"] = [os.getpid()]
@@ -153,14 +168,15 @@ class Runner:
         workers = len(self.bench.pool.pids) if job.connections >= 256 else self.bench.workers
         res = self.bench.pool.run(job, workers=workers, before=probe.before, during=probe.during)
         out = summarize(res, probe.after())
+        self.sent[arm] += res.completed + res.errors + res.failures
         self.stack.check()
         cpu = out["cpu_s"]
         busy = cpu["client"] / out["wall_s"]
-        out.update(scenario=self.scenario, config=label, via=via, client_cores=busy)
+        out.update(scenario=self.scenario, config=label, via=self.arms[arm][0], arm=arm, client_cores=busy)
         if record:
             self.bench.runs.append(out)
         log(
-            f"  {self.scenario} {label if record else 'warm-up':<28} {via:<7} {out['rps']:>8.0f} resp/s"
+            f"  {self.scenario} {label if record else 'warm-up':<28} {arm:<12} {out['rps']:>8.0f} resp/s"
             f" {out['events_per_s']:>9.0f} ev/s  p50 {out['lat_p50_ms'] or 0:8.2f} ms"
             f"  max {out['lat_max_ms'] or 0:8.0f} ms"
             f"  bad {out['bad']}  client {busy:.2f} cores  other {out['background_cores']:.2f} cores"
@@ -168,30 +184,35 @@ class Runner:
         return out
 
     def interleave(
-        self, label: str, make: Callable[[Via], Job], reps: int, warm: Callable[[Via], Job] | None = None
-    ) -> dict[Via, list[Summary]]:
+        self, label: str, make: Callable[[Arm], Job], reps: int, warm: Callable[[Arm], Job] | None = None
+    ) -> Runs:
+        arms = tuple(self.arms)
         if warm is not None:
-            for via in VIAS:
-                self.measure(label, via, warm(via), record=False)
-        runs: dict[Via, list[Summary]] = {"DIRECT": [], "THROUGH": []}
+            for arm in arms:
+                self.measure(label, arm, warm(arm), record=False)
+        runs: Runs = {arm: [] for arm in arms}
         for rep in range(reps):
-            for via in VIAS if rep % 2 == 0 else VIAS[::-1]:
-                runs[via].append(self.measure(label, via, make(via)))
+            for arm in arms if rep % 2 == 0 else arms[::-1]:
+                runs[arm].append(self.measure(label, arm, make(arm)))
         return runs
 
-    def row(self, runs: dict[Via, list[Summary]], metric: str, key: str, **kw: Any) -> None:
+    def row(self, runs: Runs, metric: str, key: str, **kw: Any) -> None:
         self.bench.rows.append(
             Row(self.scenario, metric, _median(runs["DIRECT"], key), _median(runs["THROUGH"], key), **kw)
         )
 
-    def through_row(self, runs: dict[Via, list[Summary]], metric: str, key: str) -> None:
-        """A metric that exists only THROUGH (the broker's and the connector's)."""
-        self.bench.rows.append(Row(self.scenario, metric, None, _median(runs["THROUGH"], key)))
+    def through_row(self, runs: Runs, metric: str, key: str, arm: Arm = "THROUGH") -> None:
+        """A metric of one arm THROUGH (the broker's and the connector's, or one user's)."""
+        self.bench.rows.append(Row(self.scenario, metric, None, _median(runs[arm], key)))
 
-    def bad_row(self, runs: dict[Via, list[Summary]], label: str) -> None:
-        """Errors + failures + short streams, summed over repetitions (not a median)."""
-        d, t = (float(sum(r["bad"] for r in runs[v])) for v in VIAS)
+    def bad_row(self, runs: Runs, label: str) -> None:
+        """Errors + failures + short streams per way in, summed over repetitions and arms (not a median)."""
+        d, t = (self._bad(runs, via) for via in VIAS)
         self.bench.rows.append(Row(self.scenario, f"{label}: errors (sum of reps)", d, t, integer=True))
+
+    def _bad(self, runs: Runs, via: Via) -> float | None:
+        arms = [arm for arm in runs if self.arms[arm][0] == via]
+        return float(sum(r["bad"] for arm in arms for r in runs[arm])) if arms else None
 
 
 def _chat(chunks: int = 5) -> dict[str, object]:
@@ -210,17 +231,27 @@ def _events(chunks: int) -> int:
 
 def _loop_jobs(
     r: Runner, body: dict[str, object], c: int, plan: Plan, expect_events: int = 0
-) -> tuple[Callable[[Via], Job], Callable[[Via], Job]]:
+) -> tuple[Callable[[Arm], Job], Callable[[Arm], Job]]:
     """Closed-loop jobs at concurrency `c`: the measured one and its short warm-up."""
 
-    def make(via: Via) -> Job:
+    def make(arm: Arm) -> Job:
         timeout = plan.loop_s + _GRACE
-        return r.job(via, body, c, "loop", duration=plan.loop_s, timeout=timeout, expect_events=expect_events)
+        return r.job(arm, body, c, "loop", duration=plan.loop_s, timeout=timeout, expect_events=expect_events)
 
-    def warm(via: Via) -> Job:
-        return r.job(via, body, c, "loop", duration=plan.warm_s, timeout=plan.warm_s + _GRACE)
+    def warm(arm: Arm) -> Job:
+        return r.job(arm, body, c, "loop", duration=plan.warm_s, timeout=plan.warm_s + _GRACE)
 
     return make, warm
+
+
+_RELAY_CPU = "broker+connector CPU µs/request"
+
+
+def _relay_cpu(runs: list[Summary]) -> None:
+    """Adds the broker's and the connector's CPU per request to each THROUGH run."""
+    for summary in runs:
+        relay_s = summary["cpu_s"]["broker"] + summary["cpu_s"]["connector"]
+        summary["relay_us_per_request"] = relay_s * 1e6 / max(1, summary["completed"])
 
 
 def chat(bench: Bench) -> None:
@@ -235,10 +266,8 @@ def chat(bench: Bench) -> None:
         r.row(runs, f"{label} latency p99 (ms)", "lat_p99_ms", delta=True)
         r.row(runs, f"{label} requests/s", "rps")
         r.row(runs, f"{label} X-Remotellm-Overhead-Ms p50", "overhead_p50_ms")
-        for summary in runs["THROUGH"]:
-            relay_s = summary["cpu_s"]["broker"] + summary["cpu_s"]["connector"]
-            summary["relay_us_per_request"] = relay_s * 1e6 / max(1, summary["completed"])
-        r.through_row(runs, f"{label} broker+connector CPU µs/request", "relay_us_per_request")
+        _relay_cpu(runs["THROUGH"])
+        r.through_row(runs, f"{label} {_RELAY_CPU}", "relay_us_per_request")
         r.bad_row(runs, label)
 
 
@@ -262,10 +291,10 @@ def paced(bench: Bench) -> None:
     chunks, delay, n = 50, 20.0, 256
     ideal_s = (_events(chunks) - 1) * delay / 1000
 
-    def make(via: Via) -> Job:
+    def make(via: Arm) -> Job:
         return r.job(via, _stream(chunks, delay), n, "once", timeout=ideal_s + _GRACE, expect_events=_events(chunks))
 
-    def warm(via: Via) -> Job:
+    def warm(via: Arm) -> Job:
         return r.job(via, _stream(2), n, "once", timeout=_GRACE)
 
     runs = r.interleave("256 x 50 @20ms", make, bench.plan.paced_reps, warm=warm)
@@ -286,7 +315,7 @@ def idle_streams(bench: Bench) -> None:
     """
     n, chunks = 1000, bench.plan.idle_chunks
     duration_s = _events(chunks) - 1
-    runs: dict[Via, list[Summary]] = {"DIRECT": [], "THROUGH": []}
+    runs: Runs = {"DIRECT": [], "THROUGH": []}
     r: Runner | None = None
     for rep in range(bench.plan.idle_reps):
         stack = Stack(bench.src, bench.logs / f"idle-{rep}").start()
@@ -321,11 +350,11 @@ def cpu(bench: Bench) -> None:
     plan = bench.plan
     chunks = max(10, int(plan.loop_s * 50))  # paced streams last about as long as a loop run
 
-    def paced_job(via: Via) -> Job:
+    def paced_job(via: Arm) -> Job:
         # 100 streams x 50 chunks/s, like the notes' "99 streams x 50 frames/s"
         return r.job(via, _stream(chunks, 20), 100, "once", timeout=plan.loop_s + _GRACE, expect_events=_events(chunks))
 
-    def paced_warm(via: Via) -> Job:
+    def paced_warm(via: Arm) -> Job:
         return r.job(via, _stream(2), 100, "once", timeout=_GRACE)
 
     flat_job, flat_warm = _loop_jobs(r, _stream(200), 32, plan, expect_events=_events(200))
@@ -349,4 +378,72 @@ def cpu(bench: Bench) -> None:
         r.bad_row(runs, label)
 
 
-SCENARIOS: dict[int, Callable[[Bench], None]] = {1: chat, 2: stream, 3: paced, 4: idle_streams, 5: cpu}
+# Scenario 6's arms, both THROUGH: the unnamed key (no limits) and the named user whose
+# limits are all set; each with its key and the user its usage is recorded under.
+_USERS: dict[Arm, tuple[str, str | None]] = {
+    "unlimited key": (USER_KEY, None),
+    "limited user": (LIMITED_KEY, LIMITED_USER),
+}
+_LOOP_METRICS = (
+    ("latency p50 (ms)", "lat_p50_ms"),
+    ("latency p99 (ms)", "lat_p99_ms"),
+    ("requests/s", "rps"),
+    (_RELAY_CPU, "relay_us_per_request"),
+)
+
+
+def accounting(bench: Bench) -> None:
+    """6: limits and usage: small chats THROUGH at c=1 and 32, an unlimited key vs a limited user.
+
+    Both users' requests are recorded by the usage store; the limited user's are also
+    admitted and settled by the limiter (every limit set, none ever reached). It runs on
+    a stack of its own, so that the store holds its requests only: every one must be there.
+    """
+    stack = Stack(bench.src, bench.logs / "accounting", LIMITED_CONFIG).start()
+    try:
+        r = Runner(bench, stack, "6 accounting", {arm: ("THROUGH", key) for arm, (key, _) in _USERS.items()})
+        for c in (1, 32):
+            label = f"c={c}"
+            make, warm = _loop_jobs(r, _chat(), c, bench.plan)
+            runs = r.interleave(label, make, bench.plan.reps, warm)
+            for arm_runs in runs.values():
+                _relay_cpu(arm_runs)
+            for metric, key in _LOOP_METRICS:
+                _compare(r, runs, f"{label} {metric}", key)
+            r.bad_row(runs, label)
+        _stored(r, stack)
+    finally:
+        stack.stop()
+
+
+def _compare(r: Runner, runs: Runs, metric: str, key: str) -> None:
+    """A row per user, then the limited user's value minus the unlimited key's."""
+    for arm in _USERS:
+        r.through_row(runs, f"{metric}: {arm}", key, arm)
+    unlimited, limited = (_median(runs[arm], key) for arm in _USERS)
+    change = None if unlimited is None or limited is None else limited - unlimited
+    r.bench.rows.append(Row(r.scenario, f"{metric}: limited - unlimited", None, change))
+
+
+def _stored(r: Runner, stack: Stack) -> None:
+    """Requests sent and usage rows written, per user, once the store has caught up (a bounded wait)."""
+    sent = {user: r.sent[arm] for arm, (_, user) in _USERS.items()}
+    deadline = time.monotonic() + _STORE_WAIT
+    stored = stack.usage_rows()
+    while any(stored.get(user, 0) < n for user, n in sent.items()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        stored = stack.usage_rows()
+    for arm, (_, user) in _USERS.items():
+        log(f"  {r.scenario} {arm}: {stored.get(user, 0)} usage rows for {sent[user]} requests sent")
+        r.bench.rows.append(Row(r.scenario, f"requests sent, warm-ups included: {arm}", None, sent[user], integer=True))
+        r.bench.rows.append(Row(r.scenario, f"usage rows stored: {arm}", None, stored.get(user, 0), integer=True))
+
+
+SCENARIOS: dict[int, Callable[[Bench], None]] = {
+    1: chat,
+    2: stream,
+    3: paced,
+    4: idle_streams,
+    5: cpu,
+    6: accounting,
+}
