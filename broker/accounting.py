@@ -53,11 +53,12 @@ class Accounting:
         if self.store is not None:
             await self.store.aclose(STORE_CLOSE_TIMEOUT)
 
-    async def admit(self, user: User, body: bytes) -> Lease | Rejection | None:
-        """A lease for a limited user's request (or why not); None for a user without limits."""
+    async def admit(self, user: User, reserve: int) -> Lease | Rejection | None:
+        """A lease for a limited user's request reserving ``reserve`` tokens (or why not);
+        None for a user without limits."""
         if not user.limits.any or self.limiter is None:
             return None
-        verdict = await self.limiter.admit(user.name or "", user.limits, reservation_of(body))
+        verdict = await self.limiter.admit(user.name or "", user.limits, reserve)
         if isinstance(verdict, Rejection):
             count_rejection(self._metrics, user.name or "", verdict)
         return verdict

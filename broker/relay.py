@@ -199,12 +199,15 @@ class Relay:
     async def _limit(self, send: Send, body: bytes, target: _Target, out: "_Outcome") -> _Target | None:
         """The user's limits, at admission: a lease to settle at the end, or a 429 now."""
         assert out.user is not None
-        verdict = await self.accounting.admit(out.user, body)
+        if not out.user.limits.any:
+            return target
+        reserve = reservation_of(body)  # the body is parsed for it once, and only for limited users
+        verdict = await self.accounting.admit(out.user, reserve)
         if isinstance(verdict, Rejection):
             await out.fail(send, verdict.status, verdict.code, verdict.message, verdict.headers)
             return None
         if verdict is not None:
-            out.lease, out.reserve = verdict, reservation_of(body)
+            out.lease, out.reserve = verdict, reserve
         return target
 
     async def _creator(self, target: _Target, send: Send, out: "_Outcome") -> _Target | None:
