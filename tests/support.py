@@ -110,6 +110,8 @@ class Stack:
         self._count = 0
 
     def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Proc:
+        # A broker's usage database in the test's directory, never the tree's remotellm.db.
+        env = {"REMOTELLM_DATABASE": str(self.log_dir / f"{name}-usage.db"), **(env or {})}
         self._count += 1
         proc = Proc(f"{self._count:02d}-{name}", args, self.log_dir, env)
         self.procs.append(proc)
@@ -148,11 +150,7 @@ class Stack:
         name: str = "broker",
     ) -> "BrokerHandle":
         port = port or free_port()
-        full_env = {
-            "REMOTELLM_USER_API_KEYS": ",".join(user_keys),
-            "REMOTELLM_DATABASE": str(self.log_dir / f"{name}-usage.db"),  # never the tree's remotellm.db
-            **(env or {}),
-        }
+        full_env = {"REMOTELLM_USER_API_KEYS": ",".join(user_keys), **(env or {})}
         if config is not None:
             path = self.log_dir / f"{name}-connectors.yaml"
             path.write_text(config)
