@@ -168,7 +168,10 @@ def test_a_reply_beyond_its_credit_fails_that_request_and_holds_nothing(broker: 
                                 requests.put_nowait(frame)
 
             polling = asyncio.create_task(poll())
-            await asyncio.sleep(0.5)
+            # Routed once its poll is attached: wait for that, not for a length of time.
+            async with asyncio.timeout(10):
+                while "evil" not in (await client.get(broker.url + "/health")).json()["models"]:
+                    await asyncio.sleep(0.02)
 
             async def user() -> int:
                 async with client.stream(
