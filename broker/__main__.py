@@ -14,13 +14,13 @@ from hypercorn.config import Config
 
 from broker import hypercorn_fixes
 from broker.config import ConfigError, load_file
+from broker.edge import warn_cleartext
 from broker.hub import Hub
 from broker.keys import hash_form
 from broker.logs import log
 from broker.server import create_app
 from broker.settings import Settings, parse_cli, resolve
 from broker.usage_cli import usage_main
-from wire.endpoints import loopback
 
 GRACEFUL_TIMEOUT = 30.0  # requests in flight get this long to finish on SIGTERM
 
@@ -85,9 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"python -m broker: {exc}", file=sys.stderr)
         return 2
-    if not settings.certfile and not loopback(settings.host):
-        log.warning("serving %s without TLS: user keys and connector tokens cross the network in clear text; "
-                    "give --certfile/--keyfile or put a TLS proxy in front", settings.host)  # fmt: skip
+    if not settings.certfile:
+        warn_cleartext(settings.host)
     try:
         with asyncio.Runner(loop_factory=_fastest_loop()) as runner:
             runner.run(_serve(settings, reload=lambda: resolve(args, os.environ)))

@@ -55,8 +55,8 @@ class Accounting:
 
     async def admit(self, user: User, reserve: int) -> Lease | Rejection | None:
         """A lease for a limited user's request reserving ``reserve`` tokens (or why not);
-        None for a user without limits."""
-        if not user.limits.any or self.limiter is None:
+        None before the limiter is started."""
+        if self.limiter is None:
             return None
         verdict = await self.limiter.admit(user.name or "", user.limits, reserve)
         if isinstance(verdict, Rejection):

@@ -40,10 +40,14 @@ class CanonicalTarget:
     def _warn_cleartext(self, scope: Scope) -> None:
         """Once: keys cross the network in clear when a non-loopback address is served without TLS."""
         server = scope.get("server")
-        if scope.get("scheme") == "http" and server and not loopback(str(server[0])):
-            self._warned_cleartext = True
-            log.warning(
-                "serving %s without TLS: user keys and connector tokens cross the network in clear text; "
-                "give --certfile/--keyfile or put a TLS proxy in front",
-                server[0],
-            )
+        if scope.get("scheme") == "http" and server:
+            self._warned_cleartext = warn_cleartext(str(server[0]))
+
+
+def warn_cleartext(host: str) -> bool:
+    """Warn that ``host`` is served without TLS, unless it is loopback; whether it warned."""
+    if loopback(host):
+        return False
+    log.warning("serving %s without TLS: user keys and connector tokens cross the network in clear text; "
+                "give --certfile/--keyfile or put a TLS proxy in front", host)  # fmt: skip
+    return True
