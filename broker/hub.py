@@ -1,11 +1,12 @@
 """The broker's composition root: settings, authentication, and the parts that hold state.
 
 Sessions (broker.sessions), model placement and discovery (broker.models), admission
-(broker.admission) and the config watch (broker.config_watch) each own one job; the Hub
-wires them together and knows nothing of HTTP.
+(broker.admission), the config watch (broker.config_watch) and the notices between brokers
+(broker.notices) each own one job; the Hub wires them together and knows nothing of HTTP.
 """
 
 import asyncio
+import functools
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from typing import Any
@@ -18,6 +19,7 @@ from broker.keys import bearer, find_secret
 from broker.logs import RequestLog, log
 from broker.metrics import Metrics, Snapshot
 from broker.models import ModelPlacement
+from broker.notices import Notices
 from broker.router import ModelRouter
 from broker.sessions import Sessions
 from broker.settings import Settings
@@ -41,6 +43,7 @@ class Hub:
         self.auth_throttle = AuthThrottle()
         self._token_digests = tuple(spec.token_digest for spec in settings.connectors)
         self._tasks: set[asyncio.Task[None]] = set()
+        self.notices: Notices | None = None  # with Redis: reloads and revocations reach every broker at once
         _log_warnings(settings)
 
     def snapshot(self) -> Snapshot:
@@ -100,7 +103,12 @@ class Hub:
 
     def start(self, reload: Callable[[], Settings] | None = None) -> None:
         self._spawn(self.sessions.reap())
-        path = self.settings.connector_config
+        settings = self.settings
+        if settings.redis_url and reload is not None:
+            on_config = functools.partial(self.reload_from, reload, announce=False)
+            self.notices = Notices(settings.redis_url, on_config, self.sessions.revoke_token)
+            self._spawn(self.notices.listen())
+        path = settings.connector_config
         if reload is not None and path:
             self._spawn(config_watch.watch(path, lambda: self.reload_from(reload)))
 
@@ -129,11 +137,23 @@ class Hub:
             len(settings.user_key_digests),
         )
 
-    def reload_from(self, load: Callable[[], Settings]) -> None:
+    def reload_from(self, load: Callable[[], Settings], *, announce: bool = True) -> None:
+        """Reload (on SIGHUP, a changed file, or another broker's notice); ``announce``: tell
+        the other brokers to reload theirs now."""
         try:
             self.reload(load())
         except ConfigError as exc:
             log.error("configuration not reloaded, the old one stays: %s", exc)
+            return
+        if announce and self.notices is not None:
+            self._spawn(self.notices.config_changed())
+
+    def revoke_token(self, token_digest: bytes) -> None:
+        """A connector token revoked outside the YAML (an enrolled connector removed): its
+        sessions end here now, and on every other broker through the notice."""
+        self.sessions.revoke_token(token_digest)
+        if self.notices is not None:
+            self._spawn(self.notices.revoked(token_digest))
 
     async def drain(self, timeout: float) -> None:
         await self.sessions.drain(timeout)
@@ -143,6 +163,11 @@ class Hub:
         self.sessions.close()
         for task in self._tasks:
             task.cancel()
+
+    async def aclose(self) -> None:
+        self.close()
+        if self.notices is not None:
+            await self.notices.aclose()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)

@@ -154,7 +154,7 @@ return 0
 )
 
 # What "Redis is unreachable" looks like through redis-py: anything else is a bug, and raises.
-_UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+REDIS_UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 
 def redis_client(url: str) -> "aioredis.Redis":
@@ -252,7 +252,7 @@ class RedisLimiter:
         ]
         try:
             refused, wait, requests, tokens, day = await self._admit(self._keys(user), args)
-        except _UNREACHABLE as exc:
+        except REDIS_UNREACHABLE as exc:
             self._lost(exc)
             return self._fallback(user, limits, reserve)
         if self._unreachable_since is not None:
@@ -280,7 +280,7 @@ class RedisLimiter:
         args: list[str | int | float] = [self._now(), limits.tokens_per_minute or 0, correction, day, lease_id]
         try:
             await self._settle(self._keys(user), args)
-        except _UNREACHABLE as exc:
+        except REDIS_UNREACHABLE as exc:
             self._lost(exc)  # the slot frees itself when its lease expires
 
     async def renew(self) -> None:
@@ -300,7 +300,7 @@ class RedisLimiter:
             await asyncio.sleep(self._lease_ttl / 3)
             try:
                 await self.renew()
-            except _UNREACHABLE as exc:
+            except REDIS_UNREACHABLE as exc:
                 self._lost(exc)
             except Exception:  # a renewer that died would let every lease expire: log, go on
                 log.exception("renewing the leases in redis failed")
@@ -337,5 +337,5 @@ class RedisLimiter:
             self._renewer.cancel()
         if self._pending:
             await asyncio.wait(list(self._pending), timeout=timeout)
-        with contextlib.suppress(*_UNREACHABLE):
+        with contextlib.suppress(*REDIS_UNREACHABLE):
             await self.client.aclose()

@@ -186,7 +186,7 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
         yield
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.remove_signal_handler(signal.SIGHUP)
-        hub.close()
+        await hub.aclose()
         await accounting.aclose()
 
     accounting = Accounting(settings, hub.metrics)

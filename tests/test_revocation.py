@@ -1,0 +1,119 @@
+"""Revocation on every broker within 2 s: a shared connectors.yaml, Redis notices, a revoked token."""
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from broker.keys import digest_of
+from broker.notices import Notices
+from tests.servers import start_redis
+from tests.support import BrokerHandle, Stack, wait_until
+
+BEFORE = """
+user_api_keys: [sk-kept, sk-gone]
+connectors:
+  - name: gone
+    token: tok-gone
+    models: [m]
+  - name: kept
+    token: tok-kept
+"""
+# The same length as BEFORE, so that a file rewritten in place can keep its stamp (see below).
+AFTER = BEFORE.replace("sk-gone", "sk-xxxx").replace("tok-gone", "tok-xxxx")
+DEADLINE = 2.0  # issue 13: a revoked key or token stops working on every broker within this
+POLL = 0.1
+
+
+def key_status(broker: BrokerHandle, key: str) -> int:
+    return httpx.get(broker.url + "/v1/models", headers={"authorization": f"Bearer {key}"}, timeout=5).status_code
+
+
+def revoked(broker: BrokerHandle) -> bool:
+    return key_status(broker, "sk-gone") == 401 and broker.health()["connectors"] == 0
+
+
+def revocation_delays(brokers: list[BrokerHandle], since: float, polls: int = 40) -> list[float]:
+    """For each broker, how long after ``since`` the poll began that first found the key and
+    the token's sessions gone (revocation is for good: a broker found revoked is not asked again)."""
+    found: dict[int, float] = {}
+    for _ in range(polls):
+        for index, broker in enumerate(brokers):
+            began = time.monotonic()
+            if index not in found and revoked(broker):
+                found[index] = began - since
+        if len(found) == len(brokers):
+            return [found[i] for i in range(len(brokers))]
+        time.sleep(POLL)
+    raise AssertionError(f"after {polls} polls, revoked only on brokers {sorted(found)}")
+
+
+def start(
+    stack: Stack, tmp_path: Path, count: int, *, shared: bool, redis: bool = True
+) -> tuple[list[BrokerHandle], list[Path], str]:
+    """``count`` brokers (sharing one Redis), each with a session of tok-gone; their YAML files."""
+    redis_url = start_redis(stack, tmp_path).url if redis else ""
+    llm = stack.llm("m")
+    brokers, files = [], []
+    for n in range(count):
+        path = tmp_path / ("connectors.yaml" if shared else f"connectors-{n}.yaml")
+        path.write_text(BEFORE)
+        env = {"REMOTELLM_REDIS_URL": redis_url, "REMOTELLM_CONNECTOR_CONFIG": str(path)}
+        broker = stack.broker(None, user_keys=(), env=env, via="module", name=f"broker-{n}")
+        stack.connector(broker.url, "tok-gone", llm, "m", name=f"connector-{n}")
+        broker.wait_models("m", connectors=1)
+        brokers.append(broker)
+        files.append(path)
+    assert all(key_status(b, "sk-gone") == 200 for b in brokers)
+    return brokers, files, redis_url
+
+
+@pytest.mark.parametrize("redis", [True, False], ids=["redis", "alone"])
+def test_a_key_and_a_token_removed_from_a_shared_file_stop_on_every_broker_within_2_s(
+    stack: Stack, tmp_path: Path, redis: bool
+) -> None:
+    """With Redis the first broker to notice tells the others; without, each one's watch is fast enough."""
+    brokers, files, _ = start(stack, tmp_path, 3, shared=True, redis=redis)
+    written = time.monotonic()
+    files[0].write_text(AFTER)
+    delays = revocation_delays(brokers, written)
+    assert max(delays) <= DEADLINE, delays
+    assert all(key_status(b, "sk-kept") == 200 for b in brokers)
+    for broker in brokers:
+        assert "connector gone dropped: token revoked" in broker.proc.log()
+
+
+def test_a_reload_on_one_broker_makes_the_others_reload_at_once(stack: Stack, tmp_path: Path) -> None:
+    """B's own watch cannot see its file change (the stamp is kept): only A's notice reloads B."""
+    (a, b), (file_a, file_b), _ = start(stack, tmp_path, 2, shared=False)
+    stamp = os.stat(file_b)
+    with file_b.open("r+") as edit:  # in place: the same inode, the same size
+        edit.write(AFTER)
+    os.utime(file_b, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    after = os.stat(file_b)
+    assert (after.st_mtime_ns, after.st_size, after.st_ino) == (stamp.st_mtime_ns, stamp.st_size, stamp.st_ino)
+    time.sleep(1.0)  # two of B's watch intervals: it did not notice
+    assert key_status(b, "sk-gone") == 200
+
+    written = time.monotonic()
+    file_a.write_text(AFTER)
+    delays = revocation_delays([a, b], written)
+    assert max(delays) <= DEADLINE, delays
+    assert "another broker reloaded its configuration" in b.proc.log()
+
+
+def test_a_token_revoked_by_notice_loses_its_sessions_on_every_broker(stack: Stack, tmp_path: Path) -> None:
+    """The console's path for enrolled connectors: one notice, and every broker drops the token's sessions."""
+    brokers, _, redis_url = start(stack, tmp_path, 2, shared=True)
+
+    async def publish() -> None:
+        notices = Notices(redis_url, on_config=lambda: None, on_revoked=lambda digest: None)
+        await notices.revoked(digest_of("tok-gone"))
+        await notices.aclose()
+
+    asyncio.run(publish())
+    dropped = "connector gone dropped: token revoked"
+    wait_until(lambda: all(dropped in b.proc.log() for b in brokers), timeout=DEADLINE, what="every broker to drop")
