@@ -177,10 +177,11 @@ class Relay:
             await out.fail(send, 403, "model_not_allowed", f"This key may not use the model {body.model!r}.")
             return None
         if path == RESPONSES_PATH:
-            out.sniffer = IdSniffer()  # its id will lead the by-id routes back here
-            creator = self.affinity.connector_of(body.previous_response_id) if body.previous_response_id else None
+            out.sniffer = IdSniffer(self.affinity.remember)  # its id will lead the by-id routes back here
+            previous = body.previous_response_id
+            creator = await self.affinity.connector_of(previous) if previous else None
             if creator is not None:
-                return _Target(lambda session: session.name == creator)
+                return _Target(lambda session: session.hello.connector_id == creator)
         return target
 
     def _route_of(self, method: str, path: str) -> _Target | None:
@@ -213,11 +214,11 @@ class Relay:
     async def _creator(self, target: _Target, send: Send, out: "_Outcome") -> _Target | None:
         """A by-id route goes to the connector that created the object: 404 if none did here."""
         assert target.object_id is not None
-        creator = self.affinity.connector_of(target.object_id)
+        creator = await self.affinity.connector_of(target.object_id)
         if creator is None:
             await out.fail(send, 404, "not_found", f"No response with id {target.object_id!r} is known here.")
             return None
-        return _Target(lambda session: session.name == creator, target.object_id)
+        return _Target(lambda session: session.hello.connector_id == creator, target.object_id)
 
     async def _forward(
         self, scope: Scope, send: Send, path: str, body: bytes, target: _Target, out: "_Outcome"
@@ -240,6 +241,8 @@ class Relay:
                         out.status, out.result = 499, "user_gone"
                         return
                     out.connector = session.name
+                    if out.sniffer is not None:
+                        out.sniffer.creator = session.hello.connector_id
                     upload = out.upload
                     exchange = out.exchange = session.open(
                         scope["method"], path, query, headers, body, more_body=upload is not None
@@ -251,7 +254,6 @@ class Relay:
                     finally:
                         hub.finish(exchange, cancel=not out.ended, on_end=_late_end(out))
                     if failure is None:
-                        self._learn(out, session.name)
                         return
                     # Lost before the head: nothing reached the user, so one retry elsewhere is safe.
                     # (Not with a streamed body: what went to the first connector is gone.)
@@ -278,12 +280,6 @@ class Relay:
         if not live:
             raise ModelUnavailable(target.object_id)
         return live[0]
-
-    def _learn(self, out: "_Outcome", connector: str) -> None:
-        """A response created here: its id now routes to the connector that made it."""
-        sniffer = out.sniffer
-        if sniffer is not None and sniffer.found is not None and 200 <= out.status < 300:
-            self.affinity.remember(sniffer.found, connector)
 
     def _account(self, out: "_Outcome") -> None:
         hub = self.hub
@@ -401,6 +397,8 @@ async def _respond(exchange: Exchange, send: Send, settings: Settings, out: _Out
         return _BeforeHead(event)
     out.ttfb = time.perf_counter() - out.started
     out.status = event.status
+    if out.sniffer is not None and not 200 <= event.status < 300:
+        out.sniffer.done = True  # an error's id is no response's
     overhead = b"%.2f" % max(0.0, out.ttfb * 1000 - event.llm_ms)
     headers += [*_NO_BUFFERING, (b"x-remotellm-overhead-ms", overhead), (b"x-request-id", out.request_id.encode())]
     if out.lease is not None:
@@ -421,8 +419,8 @@ async def _respond(exchange: Exchange, send: Send, settings: Settings, out: _Out
                 parts.append(ready.data)
             data = parts[0] if len(parts) == 1 else b"".join(parts)
             out.bytes += len(data)
-            if out.sniffer is not None:
-                out.sniffer.feed(data)
+            if out.sniffer is not None and not out.sniffer.done:
+                await out.sniffer.feed(data)
             # A user who stops reading for the idle timeout loses the stream (and its slot).
             try:
                 async with asyncio.timeout(settings.idle_timeout):

@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from broker import logs, tunnel_api
 from broker.accounting import Accounting
-from broker.affinity import MemoryAffinity
+from broker.affinity import affinity_of
 from broker.asgi import Receive, Scope, Send
 from broker.edge import CanonicalTarget
 from broker.errors import error_body
@@ -187,10 +187,12 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.remove_signal_handler(signal.SIGHUP)
         await hub.aclose()
+        await affinity.aclose()
         await accounting.aclose()
 
     accounting = Accounting(settings, hub.metrics)
-    relay = Relay(hub, MemoryAffinity(settings.response_ttl), accounting)
+    affinity = affinity_of(settings.redis_url, settings.response_ttl)
+    relay = Relay(hub, affinity, accounting)
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),

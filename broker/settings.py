@@ -42,7 +42,12 @@ class BrokerArgs:
         default=None, metadata={"type": str, "metavar": "URL", "help": "usage database: a SQLite path or postgresql://"}
     )
     redis_url: str | None = field(
-        default=None, metadata={"type": str, "metavar": "URL", "help": "Redis shared by several brokers (limits)"}
+        default=None,
+        metadata={
+            "type": str,
+            "metavar": "URL",
+            "help": "Redis shared by several brokers (limits, response ids, reload notices)",
+        },
     )
     redis_unreachable: str | None = field(
         default=None,
@@ -131,7 +136,7 @@ class Settings:
     body_memory_limit: int = 256 * 1024 * 1024  # past it, new requests get 503 (never an OOM)
     response_ttl: float = 30 * 24 * 3600.0  # as long as OpenAI keeps a stored response
     database: str = DEFAULT_DATABASE  # usage: a SQLite path or postgresql:// URL
-    redis_url: str | None = None  # limits shared by several brokers
+    redis_url: str | None = None  # limits, response ids and reload notices shared by several brokers
     # While Redis is unreachable: each broker enforces the limits alone, or refuses limited requests (503).
     redis_unreachable: RedisPolicy = "local"
     usage_retention_days: int = 90

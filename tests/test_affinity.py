@@ -1,0 +1,131 @@
+"""Response-id affinity shared by several brokers through a real redis-server."""
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from broker.affinity import KEY_PREFIX, MAX_SHARED_CONNECTOR_ID, IdSniffer, MemoryAffinity, RedisAffinity
+from broker.limits_redis import redis_client
+from tests.servers import RedisServer, start_redis
+from tests.support import Stack, free_port
+
+TTL = 3600.0
+
+
+@pytest.fixture
+def redis(stack: Stack, tmp_path: Path) -> RedisServer:
+    return start_redis(stack, tmp_path)
+
+
+def run(scenario: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(scenario(), 60))  # type: ignore[arg-type]
+
+
+def test_an_id_remembered_by_one_broker_is_found_by_another(redis: RedisServer) -> None:
+    async def scenario() -> None:
+        a, b = RedisAffinity(redis_client(redis.url), TTL), RedisAffinity(redis_client(redis.url), TTL)
+        await a.remember("resp_1", "connector-x")
+        assert await b.connector_of("resp_1") == "connector-x"
+        assert await b.connector_of("resp_unknown") is None
+        raw = aioredis.Redis.from_url(redis.url)
+        assert await raw.keys("*") == [f"{KEY_PREFIX}resp_1".encode()]  # namespaced
+        assert TTL - 5 <= await raw.ttl(f"{KEY_PREFIX}resp_1") <= TTL  # bounded by response_ttl
+        await raw.aclose()
+        for affinity in (a, b):
+            await affinity.aclose()
+
+    run(scenario)
+
+
+def test_a_lookup_is_one_round_trip_and_none_for_ids_this_broker_made(redis: RedisServer) -> None:
+    async def scenario() -> None:
+        a, b = RedisAffinity(redis_client(redis.url), TTL), RedisAffinity(redis_client(redis.url), TTL)
+        await a.remember("resp_1", "connector-x")
+        monitor = aioredis.Redis.from_url(redis.url)
+
+        async def commands() -> int:  # data commands (a new connection's handshake does not count)
+            stats = await monitor.info("commandstats")
+            return sum(v["calls"] for k, v in stats.items() if k in ("cmdstat_get", "cmdstat_set"))
+
+        before = await commands()
+        assert await a.connector_of("resp_1") == "connector-x"  # its own: from memory
+        assert await b.connector_of("resp_1") == "connector-x"
+        assert await commands() - before == 1  # b's GET
+        await monitor.aclose()
+        for affinity in (a, b):
+            await affinity.aclose()
+
+    run(scenario)
+
+
+def test_a_huge_connector_id_stays_out_of_redis(redis: RedisServer) -> None:
+    async def scenario() -> None:
+        a, b = RedisAffinity(redis_client(redis.url), TTL), RedisAffinity(redis_client(redis.url), TTL)
+        hostile = "x" * (MAX_SHARED_CONNECTOR_ID + 1)
+        await a.remember("resp_1", hostile)
+        assert await a.connector_of("resp_1") == hostile  # this broker still routes it
+        assert await b.connector_of("resp_1") is None
+        for affinity in (a, b):
+            await affinity.aclose()
+
+    run(scenario)
+
+
+def test_redis_unreachable_leaves_each_broker_its_own_ids(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        a = RedisAffinity(redis_client(f"redis://127.0.0.1:{free_port()}/0"), TTL)
+        await a.remember("resp_1", "connector-x")  # never raises
+        assert await a.connector_of("resp_1") == "connector-x"
+        assert await a.connector_of("resp_other") is None
+        assert sum("redis unreachable" in r.message for r in caplog.records) == 1  # once per outage
+        await a.aclose()
+
+    caplog.set_level(logging.WARNING, logger="remotellm.affinity")
+    run(scenario)
+
+
+def test_the_sniffer_remembers_the_first_id_before_its_bytes_go_on() -> None:
+    async def scenario() -> None:
+        memory = MemoryAffinity(TTL)
+        sniffer = IdSniffer(memory.remember)
+        sniffer.creator = "connector-x"
+        await sniffer.feed(b'data: {"type":"response.created","response":{"i')
+        assert not sniffer.done
+        await sniffer.feed(b'd":"resp_7","object":"response"}}\n\n')
+        assert sniffer.done and await memory.connector_of("resp_7") == "connector-x"
+        await sniffer.feed(b'{"id":"resp_8"}')
+        assert await memory.connector_of("resp_8") is None
+
+    run(scenario)
+
+
+CONFIG = """
+connectors:
+  - name: box
+    token: tok-box
+    models: [m]
+"""
+
+
+def test_a_response_created_through_one_broker_is_known_to_another(stack: Stack, tmp_path: Path) -> None:
+    """Broker B holds no session with the connector that made the response: it knows the id
+    (503, its connector is not here) where a broker without Redis would not (404)."""
+    redis = start_redis(stack, tmp_path)
+    env = {"REMOTELLM_REDIS_URL": redis.url}
+    a = stack.broker(CONFIG, env=env, name="broker-a")
+    b = stack.broker(CONFIG, env=env, name="broker-b")
+    alone = stack.broker(CONFIG, name="broker-alone")
+    stack.connector(a.url, "tok-box", stack.llm("m"), "m")
+    a.wait_models("m")
+    headers = {"authorization": "Bearer sk-user"}
+    created = httpx.post(a.url + "/v1/responses", json={"model": "m", "input": "hi"}, headers=headers, timeout=10)
+    assert created.status_code == 200, created.text
+    response_id = created.json()["id"]
+    assert httpx.get(f"{a.url}/v1/responses/{response_id}", headers=headers, timeout=10).status_code == 200
+    assert httpx.get(f"{b.url}/v1/responses/{response_id}", headers=headers, timeout=10).status_code == 503
+    assert httpx.get(f"{alone.url}/v1/responses/{response_id}", headers=headers, timeout=10).status_code == 404
