@@ -41,6 +41,9 @@ from broker.users import User
 from wire import UPLOAD_CREDIT, Chunk, End, Head
 from wire.headers import forwardable_request_header, forwardable_response_header, valid_header, valid_status
 
+# Attempts of one request: a connector that is full refuses it before anything started
+# (End "busy"), and it goes on to another with room — within this bound and the total timeout.
+MAX_ATTEMPTS = 8
 # How long a stream cut by its user waits for the connector's End (it carries the tokens
 # delivered); the LLM stops at the Cancel, so it comes in milliseconds unless the tunnel is gone.
 LATE_END_TIMEOUT = 10.0
@@ -224,7 +227,6 @@ class Relay:
         self, scope: Scope, send: Send, path: str, body: bytes, target: _Target, out: "_Outcome"
     ) -> None:
         hub, settings = self.hub, self.hub.settings
-        accepts = target.accepts
         try:
             session = await self._pick(target, out)
         except RouteError as exc:
@@ -236,7 +238,7 @@ class Relay:
         query = scope.get("query_string", b"").decode("latin-1")
         try:
             async with asyncio.timeout(settings.total_timeout):
-                for attempt in (1, 2):
+                for attempt in range(1, MAX_ATTEMPTS + 1):
                     if out.gone:  # left while waiting for a slot: nothing to ask the LLM
                         out.status, out.result = 499, "user_gone"
                         return
@@ -255,11 +257,7 @@ class Relay:
                         hub.finish(exchange, cancel=not out.ended, on_end=_late_end(out))
                     if failure is None:
                         return
-                    # Lost before the head: nothing reached the user, so one retry elsewhere is safe.
-                    # (Not with a streamed body: what went to the first connector is gone.)
-                    retry = attempt == 1 and _retryable(failure.event) and target.object_id is None
-                    retry = retry and out.upload is None
-                    alternate = hub.alternate(out.model, session, accepts) if retry else None
+                    alternate = await self._retry(failure, attempt, session, target, out)
                     if alternate is None:
                         await _fail_before_head(send, failure.event, out)
                         return
@@ -271,6 +269,27 @@ class Relay:
             out.result = "total_timeout"
             if not out.head_sent:
                 await out.fail(send, 504, "timeout", "The request took longer than the total time allowed.")
+
+    async def _retry(
+        self, failure: "_BeforeHead", attempt: int, session: Session, target: _Target, out: "_Outcome"
+    ) -> Session | None:
+        """Where an attempt that ended before its head goes next; None: nowhere, the user gets
+        the error. Nothing reached the user, so another connector is safe — not with a streamed
+        body, though: what went to the first connector is gone."""
+        if out.upload is not None or attempt >= MAX_ATTEMPTS:
+            return None
+        if _busy(failure.event):
+            if target.object_id is not None:
+                return None  # only its creator can answer, and it is full
+            # Full with other brokers' requests: the connector (now known full here) is skipped,
+            # and when every one is full the request waits the short queue like any other.
+            try:
+                return await self._pick(target, out)
+            except RouteError:
+                return None
+        if attempt == 1 and _retryable(failure.event) and target.object_id is None:
+            return self.hub.alternate(out.model, session, target.accepts)
+        return None
 
     async def _pick(self, target: _Target, out: "_Outcome") -> Session:
         if target.object_id is None:
@@ -494,6 +513,10 @@ def _late_end(out: _Outcome) -> Callable[[End], None] | None:
     return ended
 
 
+def _busy(event: ReplyEvent | None) -> bool:
+    return isinstance(event, End) and event.error == "busy"
+
+
 def _retryable(event: ReplyEvent | None) -> bool:
     if isinstance(event, Interrupt):
         return event.reason == "connector_lost"
@@ -506,6 +529,9 @@ async def _fail_before_head(send: Send, event: ReplyEvent | None, out: _Outcome)
         return
     if event is None:
         await out.fail(send, 504, "timeout", "The LLM did not start answering in time.")
+        return
+    if _busy(event):  # every connector tried, or waited for, is at its max_concurrent
+        await _send_route_error(send, AtCapacity(out.model), out)
         return
     refused = out.upload.refused if out.upload is not None else None
     if refused is not None:  # the streamed rest of the body was too large or too slow

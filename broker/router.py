@@ -11,7 +11,7 @@ from typing import Generic, Protocol, TypeVar
 
 class Endpoint(Protocol):
     @property
-    def in_flight(self) -> int: ...
+    def occupied(self) -> int: ...  # requests in flight on it, from every broker as far as known
     @property
     def max_concurrent(self) -> int | None: ...
 
@@ -85,7 +85,7 @@ class ModelRouter(Generic[E]):
             raise (ModelUnavailable if model in self._known else ModelNotFound)(model)
         assert serving is not None
         best = min(candidates, key=_load)
-        if best.max_concurrent is not None and best.in_flight >= best.max_concurrent:
+        if best.max_concurrent is not None and best.occupied >= best.max_concurrent:
             raise AtCapacity(model)
         if len(serving) > 1:  # ties go round-robin: the chosen one moves to the back
             serving.remove(best)
@@ -99,4 +99,4 @@ UNCAPPED = 1024
 
 
 def _load(connector: Endpoint) -> float:
-    return connector.in_flight / (connector.max_concurrent or UNCAPPED)
+    return connector.occupied / (connector.max_concurrent or UNCAPPED)

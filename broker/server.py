@@ -62,6 +62,7 @@ async def health(request: Request) -> Response:
             "models": sorted(hub.router.models_of(session)),
             "protocol": session.protocol,
             "in_flight": session.in_flight,
+            "free_slots": session.free_slots,  # what the connector reports, all its brokers together
             "connected_since": datetime.fromtimestamp(session.connected_at, UTC).isoformat(timespec="seconds"),
         }
         for session in hub.router.connectors()

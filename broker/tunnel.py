@@ -28,6 +28,7 @@ from wire import (
     Limits,
     Pong,
     ProtocolError,
+    Slots,
 )
 from wire.frames import Headers
 
@@ -108,11 +109,26 @@ class Session:
         self._wake = asyncio.Event()
         self._coalescer = Coalescer()
         self._ack_by: float | None = None  # when an acknowledgement owed must leave
+        self.free_slots: int | None = None  # the connector's last report, all its brokers together
+        self._opened_since_report = 0
+        if spec.max_concurrent is not None:
+            self.conn.capacity(self.max_concurrent)  # first of all: the connector holds it over every broker
+
+    @property
+    def in_flight(self) -> int:
+        """Requests of this broker in flight on the connector."""
+        return len(self.exchanges)
 
     # Endpoint protocol of the router
     @property
-    def in_flight(self) -> int:
-        return len(self.exchanges)
+    def occupied(self) -> int:
+        """Requests in flight on the connector, all its brokers together, as far as this broker
+        knows: its last report of free slots, less the requests opened here since (a guess that
+        may be short, which the connector's ``busy`` refusal corrects)."""
+        local = len(self.exchanges)
+        if self.free_slots is None:
+            return local
+        return max(local, self.max_concurrent - self.free_slots + self._opened_since_report)
 
     @property
     def max_concurrent(self) -> int:
@@ -128,7 +144,11 @@ class Session:
 
     def renew(self, spec: ConnectorSpec) -> None:
         """The token's entry after a reload (its key, allowlist or limits may have changed)."""
+        changed = spec.max_concurrent != self.spec.max_concurrent
         self.spec = spec
+        if changed:
+            self.free_slots = None if spec.max_concurrent is None else self.free_slots
+            self._intent(self.conn.capacity, None if spec.max_concurrent is None else self.max_concurrent)
 
     def offer(self, models: frozenset[str]) -> None:
         """What the connector can serve (from its Hello, or listed from its LLM)."""
@@ -160,6 +180,8 @@ class Session:
             exchange.events.put_nowait(Interrupt("connector_lost"))
             return exchange
         exchange = self.exchanges[request_id] = Exchange(self, request_id)
+        if self.free_slots is not None:
+            self._opened_since_report += 1
         self._wake.set()
         return exchange
 
@@ -291,20 +313,23 @@ class Session:
     def done_inbound(self) -> None:
         self.uplinks -= 1
 
-    def receive(self, reader: Inbound, data: bytes) -> list[Drain]:
-        """Frames from an uplink go to their exchanges; returns the Drains for the caller.
-        A broken request fails alone; raises ProtocolError when the session is at fault."""
+    def receive(self, reader: Inbound, data: bytes) -> list[Drain | Slots]:
+        """Frames from an uplink go to their exchanges; returns the Drains, and the Slots
+        reports of free room, for the caller. A broken request fails alone; raises
+        ProtocolError when the session is at fault."""
         self.touch()
-        drains: list[Drain] = []
+        notices: list[Drain | Slots] = []
         owed = self.conn.ack_owed
-        reader.feed_each(data, lambda event: self._dispatch(event, drains), self._violated)
+        reader.feed_each(data, lambda event: self._dispatch(event, notices), self._violated)
         if self.conn.ack_owed and not owed:  # the poll writer learns an acknowledgement is due
             self._wake.set()
-        return drains
+        return notices
 
-    def _dispatch(self, event: Frame, drains: list[Drain]) -> None:
+    def _dispatch(self, event: Frame, notices: list[Drain | Slots]) -> None:
         kind = type(event)
         if kind is Chunk or kind is Head or kind is End:
+            if kind is End and event.error == "busy":  # type: ignore[union-attr]
+                self._report_free(0)  # full, whatever this broker thought: route elsewhere until it says
             exchange = self.exchanges.get(event.id)  # type: ignore[union-attr]
             if exchange is not None:  # (None: the relay gave up on it, its Cancel is out)
                 exchange.events.put_nowait(event)  # type: ignore[arg-type]
@@ -318,7 +343,15 @@ class Session:
             self.conn.ping(time.time())  # echoed at once: the connector's proof its uploads arrive
             self._wake.set()
         elif kind is Drain:
-            drains.append(event)  # type: ignore[arg-type]
+            notices.append(event)  # type: ignore[arg-type]
+        elif kind is Slots:
+            self._report_free(event.free)  # type: ignore[union-attr]
+            notices.append(event)  # type: ignore[arg-type]
+
+    def _report_free(self, free: int) -> None:
+        if self.spec.max_concurrent is not None:  # (no cap here: nothing to track)
+            self.free_slots = min(free, self.max_concurrent)
+            self._opened_since_report = 0
 
     def _violated(self, exc: ProtocolError) -> None:
         assert exc.request_id is not None

@@ -14,6 +14,7 @@ from wire import (
     RECEIVED_HEADER,
     SESSION_HEADER,
     SHORT_POLL_QUERY,
+    Drain,
     FrameError,
     Hello,
     Inbound,
@@ -178,8 +179,11 @@ async def _read_uplink(hub: Hub, session: Session, reader: Inbound, receive: Rec
             if session.closed:  # revoked, replaced or reaped: nothing more it sends counts
                 await send_error(send, 401, "unknown_session", "This session is over; register again.")
                 return
-            for drain in session.receive(reader, message.get("body", b"")):
-                hub.sessions.retire(session, drain.reason)
+            for notice in session.receive(reader, message.get("body", b"")):
+                if isinstance(notice, Drain):
+                    hub.sessions.retire(session, notice.reason)
+                elif notice.free:  # room again on a connector: waiting requests look again
+                    hub.admission.freed()
             if not message.get("more_body", False):
                 reader.finish()
                 break

@@ -14,6 +14,7 @@ import httpx
 from connector.health import serve_health
 from connector.llm import LLMClient
 from connector.settings import SettingsError, parse_cli, resolve
+from connector.slots import SlotCounter
 from connector.tunnel import Status, Tunnel
 from wire.endpoints import loopback
 
@@ -32,7 +33,7 @@ async def run(argv: list[str]) -> int:
     health = (
         await serve_health(settings.health_port, status, settings.public_broker_url) if settings.health_port else None
     )
-    tunnel = Tunnel(settings, llm, status)
+    tunnel = Tunnel(settings, llm, status, SlotCounter())
     main = asyncio.create_task(tunnel.run())
     stopping: list[asyncio.Task[None]] = []
 

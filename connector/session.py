@@ -20,6 +20,7 @@ from connector.links import make_client
 from connector.llm import Forbidden, LLMClient
 from connector.path import PathProfile
 from connector.settings import Settings
+from connector.slots import SlotCounter
 from connector.uplink import UplinkError, upload
 from connector.usage_meter import UsageMeter, prepare
 from wire import (
@@ -32,6 +33,7 @@ from wire import (
     SHORT_POLL_QUERY,
     Body,
     Cancel,
+    Capacity,
     Coalescer,
     ConnectorConnection,
     Credit,
@@ -87,6 +89,7 @@ class Session:
         path: PathProfile,
         auth: dict[str, str],
         welcome: Welcome,
+        slots: SlotCounter,
     ) -> None:
         self.settings = settings
         self.llm = llm
@@ -109,6 +112,10 @@ class Session:
         self._unechoed_since: float | None = None  # when the oldest Pong not yet echoed left
         self._unechoed_ping = 0.0
         self._uplink_task: asyncio.Task[None] | None = None
+        self.slots = slots  # shared by every session of this connector
+        self._slots_told: int | None = None  # the free slots this broker last heard
+        self._slots_pending = False  # a report of the free slots is scheduled
+        slots.watch(self, self._slots_changed)
 
     # --- running ------------------------------------------------------------
 
@@ -144,6 +151,7 @@ class Session:
         await self.abort()
 
     async def abort(self) -> None:
+        self.slots.forget(self)
         for task in list(self.tasks.values()):
             task.cancel()
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
@@ -274,6 +282,27 @@ class Session:
         elif kind is Drain:
             log.info("broker asks to drain: %s", frame.reason)  # type: ignore[union-attr]
             self.drained = True
+        elif kind is Capacity:
+            self.slots.cap(self, frame.max_concurrent)  # type: ignore[union-attr]
+
+    def _slots_changed(self) -> None:
+        """The free slots changed: this broker hears the new number once this turn's changes are done."""
+        if not self._slots_pending:
+            self._slots_pending = True
+            asyncio.get_running_loop().call_soon(self._tell_slots)
+
+    def _tell_slots(self) -> None:
+        self._slots_pending = False
+        free = self.slots.free
+        if free is None or free == self._slots_told or not self.slots.capped_by(self) or self.closing:
+            return
+        self._slots_told = free
+        try:
+            self.conn.slots(free)
+        except ProtocolError as exc:  # the broker acknowledges nothing: the session is ending anyway
+            log.warning("free slots not reported: %s", exc)
+            return
+        self._wake.set()
 
     # --- the uplink ----------------------------------------------------------------
 
@@ -370,11 +399,23 @@ class Session:
     # --- requests -------------------------------------------------------------------
 
     def _start(self, request: Request) -> None:
+        if not self.slots.take():  # refused before anything started: the broker tries elsewhere
+            self.conn.end(request.id, "busy", f"at max_concurrent ({self.slots.limit}) over all brokers")
+            return
         if request.more_body:  # (bounded: the broker sends no more than the credit we grant)
             self._bodies[request.id] = asyncio.Queue()
         task = asyncio.create_task(self._serve(request))
         self.tasks[request.id] = task
-        task.add_done_callback(lambda _: self.tasks.pop(request.id, None))
+        task.add_done_callback(lambda _: self._done(request.id, task))
+
+    def _done(self, request_id: int, task: "asyncio.Task[None]") -> None:
+        """A request's task is over, however it ended: its slot comes back."""
+        self.tasks.pop(request_id, None)
+        self.slots.give_back()
+        if task.cancelled():  # cancelled before it ran (its Cancel came with it): _serve never sent the End
+            self._bodies.pop(request_id, None)
+            self.conn.end(request_id, "cancelled")
+            self._wake.set()
 
     def _cancel(self, request_id: int) -> None:
         task = self.tasks.get(request_id)

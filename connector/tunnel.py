@@ -20,6 +20,7 @@ from connector.llm import LLMClient
 from connector.path import PathProfile
 from connector.session import Refused, Session, SessionLost, Status, error_message
 from connector.settings import Settings
+from connector.slots import SlotCounter
 from connector.uplink import UplinkError
 from wire import FRAMES_CONTENT_TYPE, REGISTER_PATH, FrameError, Hello, ProtocolError, Welcome, decode_all, encode
 
@@ -42,8 +43,9 @@ def backoff_delay(attempt: int) -> float:
 class Tunnel:
     """Registers, serves a session until it ends, and starts over — until stopped."""
 
-    def __init__(self, settings: Settings, llm: LLMClient, status: Status) -> None:
+    def __init__(self, settings: Settings, llm: LLMClient, status: Status, slots: SlotCounter) -> None:
         self.settings = settings
+        self.slots = slots  # max_concurrent over every session of this connector
         self.llm = llm
         self.status = status
         self.connector_id = uuid.uuid4().hex
@@ -61,7 +63,9 @@ class Tunnel:
             winding_down = False
             try:
                 welcome = await self._register()
-                session = self._current = Session(self.settings, self.llm, self.status, self.path, self.auth, welcome)
+                session = self._current = Session(
+                    self.settings, self.llm, self.status, self.path, self.auth, welcome, self.slots
+                )
                 await session.serve()
                 # The broker is draining: its replies finish in the background, we move on.
                 task = asyncio.create_task(session.finish(DRAIN_TIMEOUT))

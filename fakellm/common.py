@@ -119,7 +119,9 @@ class Exchange:
     def activate(self) -> None:
         if not self.active:
             self.active = True
-            self.llm.active_streams += 1
+            llm = self.llm
+            llm.active_streams += 1
+            llm.peak_streams = max(llm.peak_streams, llm.active_streams)
 
     async def prelude(self, streaming: bool = False) -> bool:
         """Apply hang, head_delay_ms and status; False if the reply is settled already.

@@ -8,7 +8,7 @@ API::
 
     server, llm = await serve("127.0.0.1", 0, models=["m1"], api_key=None, name="fake", ollama=False)
     llm.url                                   # "http://127.0.0.1:PORT"
-    llm.requests, llm.active_streams, llm.cancelled, llm.last_requests, llm.responses
+    llm.requests, llm.active_streams, llm.peak_streams, llm.cancelled, llm.last_requests, llm.responses
     llm.state(), llm.reset()                  # same as GET /_fake/state, POST /_fake/reset
     await llm.close()                         # stop listening, drop connections quietly
 
@@ -92,6 +92,7 @@ class FakeLLM:
         self.url = ""
         self.requests = 0
         self.active_streams = 0
+        self.peak_streams = 0  # the most streams at once since the last reset
         self.cancelled = 0
         self.released = asyncio.Event()  # uploads with the `hold_body` knob wait for it
         self.last_requests: deque[dict[str, Any]] = deque(maxlen=50)
@@ -110,6 +111,7 @@ class FakeLLM:
         return {
             "requests": self.requests,
             "active_streams": self.active_streams,
+            "peak_streams": self.peak_streams,
             "cancelled": self.cancelled,
             "last_requests": list(self.last_requests),
             "responses": self.responses.ids(),
@@ -118,6 +120,7 @@ class FakeLLM:
     def reset(self) -> None:
         """Clear history; active_streams is live and stored responses are the LLM's, so both are kept."""
         self.requests = self.cancelled = 0
+        self.peak_streams = self.active_streams
         self.last_requests.clear()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -205,9 +205,11 @@ def test_client_hangup_counts_as_cancelled(start: Start) -> None:
             assert httpx.get(state).json()["active_streams"] == 1
     wait_for(lambda: httpx.get(state).json()["cancelled"] == 1)
     assert httpx.get(state).json()["active_streams"] == 0
+    assert httpx.get(state).json()["peak_streams"] == 1  # the most at once, still known after
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{url}/v1/chat/completions", json=chat(hang=True), timeout=0.2)
     wait_for(lambda: httpx.get(state).json()["cancelled"] == 2)
+    assert httpx.post(f"{url}/_fake/reset").json()["peak_streams"] == 0
 
 
 def test_echo_headers_and_state(start: Start) -> None:

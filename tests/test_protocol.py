@@ -10,6 +10,7 @@ from wire import (
     Body,
     BrokerConnection,
     Cancel,
+    Capacity,
     Chunk,
     ConnectorConnection,
     Credit,
@@ -25,6 +26,7 @@ from wire import (
     ProtocolError,
     ReplyState,
     Request,
+    Slots,
     decode_all,
     encode_many,
 )
@@ -192,8 +194,11 @@ def test_the_frames_before_a_session_violation_come_first_then_nothing_more() ->
 
 @pytest.mark.parametrize(
     "frame",
-    [Request(1, "GET", "/", "", [], b""), Cancel(1), Ping(1.0), Models([]), Body(1, b""), Hello("c", "1", [])],
-)
+    [
+        Request(1, "GET", "/", "", [], b""), Cancel(1), Ping(1.0), Models([]), Body(1, b""), Hello("c", "1", []),
+        Capacity(4),
+    ],
+)  # fmt: skip
 def test_broker_refuses_frames_that_travel_the_other_way(frame: Frame) -> None:
     pair = Pair()
     pair.request()
@@ -202,11 +207,30 @@ def test_broker_refuses_frames_that_travel_the_other_way(frame: Frame) -> None:
     assert caught.value.request_id is None
 
 
-@pytest.mark.parametrize("frame", [Head(1, 200, []), Chunk(1, b""), End(1), Pong(1.0), Hello("c", "1", [])])
+@pytest.mark.parametrize("frame", [Head(1, 200, []), Chunk(1, b""), End(1), Pong(1.0), Hello("c", "1", []), Slots(1)])
 def test_connector_refuses_frames_that_travel_the_other_way(frame: Frame) -> None:
     pair = Pair()
     with pytest.raises(ProtocolError, match="may not travel broker → connector"):
         pair.poll.feed(raw(Batch(0, 0), frame))
+
+
+def test_the_cap_and_the_free_slots_cross_each_their_way() -> None:
+    pair = Pair()
+    pair.broker.capacity(4)
+    pair.broker.capacity(None)
+    assert pair.to_connector() == [Capacity(4), Capacity(0)]
+    pair.connector.slots(3)
+    assert pair.to_broker() == [Slots(3)]
+
+
+@pytest.mark.parametrize("count", [-1, DEFAULT_LIMITS.max_slots + 1])
+def test_slot_counts_out_of_bounds_break_the_session(count: int) -> None:
+    pair = Pair()
+    with pytest.raises(ProtocolError, match="slot count") as caught:
+        pair.uplink.feed(raw(Batch(0, 0), Slots(count)))
+    assert caught.value.request_id is None
+    with pytest.raises(ProtocolError, match="slot count"):
+        pair.poll.feed(raw(Batch(0, 0), Capacity(count)))
 
 
 def test_a_connection_must_open_with_a_batch() -> None:

@@ -13,6 +13,10 @@ class FakeConnector:
         self.in_flight = in_flight
         self.max_concurrent = max_concurrent
 
+    @property
+    def occupied(self) -> int:
+        return self.in_flight
+
     def __repr__(self) -> str:
         return f"FakeConnector({self.name!r}, {self.in_flight}/{self.max_concurrent})"
 

@@ -15,6 +15,7 @@ from wire import (
     Batch,
     Body,
     Cancel,
+    Capacity,
     Chunk,
     Credit,
     Drain,
@@ -29,6 +30,7 @@ from wire import (
     Ping,
     Pong,
     Request,
+    Slots,
     Welcome,
     encode,
     encode_many,
@@ -64,6 +66,10 @@ EXAMPLES: list[Frame] = [
     Body(10, b"", False),
     Request(11, "POST", "/v1/audio/transcriptions", "", [], b"", more_body=True),
     Welcome("credential", 15.0, 30.0),
+    Capacity(8),
+    Capacity(0),
+    Slots(3),
+    End(12, "busy", "at max_concurrent (8) over all brokers"),
 ]
 
 

@@ -21,6 +21,7 @@ from wire.frames import (
     Batch,
     Body,
     Cancel,
+    Capacity,
     Chunk,
     Credit,
     Drain,
@@ -33,6 +34,7 @@ from wire.frames import (
     Ping,
     Pong,
     Request,
+    Slots,
     Welcome,
 )
 from wire.framing import MAX_FRAME_SIZE, FrameDecoder, FrameError, decode_all, encode, encode_many
@@ -70,6 +72,7 @@ __all__ = [
     "Body",
     "BrokerConnection",
     "Cancel",
+    "Capacity",
     "Chunk",
     "Coalescer",
     "ConnectorConnection",
@@ -90,6 +93,7 @@ __all__ = [
     "ProtocolError",
     "ReplyState",
     "Request",
+    "Slots",
     "Welcome",
     "check_models",
     "decode_all",

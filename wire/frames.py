@@ -30,6 +30,7 @@ ErrorKind = Literal[
     "forbidden",  # the connector refused the request: a method, path or header outside its bounds
     "internal",  # a bug in the connector
     "refused",  # the connector would not run it: a reused request id, too many at once, draining
+    "busy",  # the connector is at its max_concurrent, over all its brokers: nothing was started
 ]
 
 
@@ -190,7 +191,26 @@ class Body(_Frame, tag=14):
     more: bool = True
 
 
-Frame = Hello | Welcome | Request | Head | Chunk | End | Cancel | Ping | Drain | Models | Credit | Pong | Batch | Body
+class Capacity(_Frame, tag=20):
+    """Broker → connector: the connector's ``max_concurrent`` in this broker's configuration
+    (0: no cap), before any request and again when a reload changes it. The connector holds
+    the smallest cap any of its brokers gives, over all its sessions together."""
+
+    max_concurrent: int
+
+
+class Slots(_Frame, tag=21):
+    """Connector → broker, to each broker that gave it a cap: how many more requests it takes
+    now, over all its brokers. Sent when the number changes (coalesced), so brokers route
+    away from a connector that is full because of the others' requests."""
+
+    free: int
+
+
+Frame = (
+    Hello | Welcome | Request | Head | Chunk | End | Cancel | Ping | Drain | Models | Credit | Pong | Batch | Body
+    | Capacity | Slots
+)  # fmt: skip
 
 # Bytes of reply body a connector may send ahead of the user's reading.
 INITIAL_CREDIT = 128 * 1024

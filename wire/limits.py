@@ -26,6 +26,8 @@ class Limits:
     # Uplink bodies open at once: a connector keeps one (a few overlap while a proxy batches);
     # each holds a frame buffer, so they are counted, not left to the number of connections.
     max_uplinks: int = 8
+    # A connector's max_concurrent as a broker tells it, and the free slots a connector reports.
+    max_slots: int = 1 << 20
 
 
 DEFAULT_LIMITS = Limits()

@@ -34,6 +34,7 @@ from wire.frames import (
     Batch,
     Body,
     Cancel,
+    Capacity,
     Chunk,
     Credit,
     Drain,
@@ -46,6 +47,7 @@ from wire.frames import (
     Ping,
     Pong,
     Request,
+    Slots,
     UsageSource,
 )
 from wire.framing import MAX_FRAME_SIZE, FrameDecoder, FrameError
@@ -342,6 +344,11 @@ class Inbound:
         self._next = batch.seq
 
 
+def _check_slots(count: int, limits: Limits) -> None:
+    if not 0 <= count <= limits.max_slots:
+        raise ProtocolError(f"a slot count of {count} (0 to {limits.max_slots})")
+
+
 # --- the broker's side ---------------------------------------------------------------
 
 
@@ -456,6 +463,10 @@ class BrokerConnection(_Endpoint):
         """Tell the connector which models the broker now routes to it."""
         self._send(Models(models))
 
+    def capacity(self, max_concurrent: int | None) -> None:
+        """Tell the connector its max_concurrent here (None: no cap)."""
+        self._send(Capacity(max_concurrent or 0))
+
     # --- frames of the connector ----------------------------------------------
 
     def _receive(self, frame: Frame) -> Frame | None:
@@ -467,6 +478,9 @@ class BrokerConnection(_Endpoint):
             return frame
         if kind is Drain:
             self.peer_draining = True
+            return frame
+        if kind is Slots:
+            _check_slots(frame.free, self.limits)  # type: ignore[union-attr]
             return frame
         raise ProtocolError(f"a {kind.__name__} frame may not travel connector → broker")
 
@@ -572,6 +586,10 @@ class ConnectorConnection(_Endpoint):
         """A heartbeat, echoing the last Ping (the broker's sign that uploads arrive)."""
         self._send(Pong(self.last_ping.sent if self.last_ping else 0.0))
 
+    def slots(self, free: int) -> None:
+        """Tell the broker how many more requests this connector takes now, all brokers together."""
+        self._send(Slots(free))
+
     def _job(self, request_id: int) -> _Job:
         job = self._jobs.get(request_id)
         if job is None:
@@ -596,6 +614,9 @@ class ConnectorConnection(_Endpoint):
             return frame
         if kind is Drain:
             self.peer_draining = True
+            return frame
+        if kind is Capacity:
+            _check_slots(frame.max_concurrent, self.limits)  # type: ignore[union-attr]
             return frame
         raise ProtocolError(f"a {kind.__name__} frame may not travel broker → connector")
 

@@ -1,0 +1,164 @@
+"""A connector's max_concurrent over all its brokers: the connector's own count, its busy
+refusal, its reports of free slots, and the broker routing by them."""
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import httpx
+
+from connector.llm import LLMClient
+from connector.path import PathProfile
+from connector.session import Session, Status
+from connector.settings import Settings
+from connector.slots import SlotCounter
+from fakellm.server import serve
+from tests.support import Stack, wait_until
+from wire import BrokerConnection, End, Frame, Slots, Welcome
+
+CAP = 2
+HANG = json.dumps({"model": "m", "stream": True, "messages": [], "fake": {"hang": True}}).encode()
+
+
+def run(scenario: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(scenario(), 60))  # type: ignore[arg-type]
+
+
+class Link:
+    """One broker (its side of the protocol, in memory) and the connector's session with it."""
+
+    def __init__(self, llm_url: str, slots: SlotCounter) -> None:
+        settings = Settings(broker_url="http://127.0.0.1:9", token="t", llm_url=llm_url)
+        self.llm = LLMClient(llm_url)
+        self.broker = BrokerConnection()
+        self.session = Session(settings, self.llm, Status(), PathProfile(settings), {}, Welcome("s", 15.0), slots)
+        self.heard: list[Frame] = []
+
+    def to_connector(self) -> None:
+        self.session._feed(self.session.conn.inbound(), self.broker.data_to_send())
+
+    def to_broker(self) -> list[Frame]:
+        frames = self.broker.inbound().feed(self.session.conn.data_to_send())
+        self.heard += frames
+        return frames
+
+    def open(self) -> int:
+        request_id = self.broker.open("POST", "/v1/chat/completions", "", [], HANG)
+        self.to_connector()
+        return request_id
+
+    async def close(self) -> None:
+        await self.session.abort()
+        await self.llm.aclose()
+
+
+async def settle(links: list[Link], until: Callable[[], bool]) -> None:
+    """Let the connector's tasks and reports run, moving frames both ways, until ``until()``."""
+    for _ in range(500):
+        for link in links:
+            link.to_connector()
+            link.to_broker()
+        if until():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the connector did not get there")
+
+
+def test_the_connector_refuses_past_its_cap_over_two_brokers_and_gets_every_slot_back() -> None:
+    async def scenario() -> None:
+        server, llm = await serve(models=["m"])
+        slots = SlotCounter()
+        a, b = Link(llm.url, slots), Link(llm.url, slots)
+        links = [a, b]
+        for link in links:
+            link.broker.capacity(CAP)
+            link.to_connector()
+        await settle(links, lambda: all(Slots(CAP) in link.heard for link in links))
+
+        held = [a.open(), b.open()]  # the cap, one from each broker
+        await settle(links, lambda: llm.active_streams == CAP)
+        refused = [a.open(), b.open()]  # each broker thinks it has room: the connector says no
+        await settle(links, lambda: all(any(isinstance(f, End) for f in link.heard) for link in links))
+        ends = [f for link in links for f in link.heard if isinstance(f, End)]
+        assert sorted(e.id for e in ends) == sorted(refused) and {e.error for e in ends} == {"busy"}
+        assert all(Slots(0) in link.heard for link in links)  # each broker heard it is full
+        assert llm.peak_streams == CAP
+
+        for link, request_id in zip(links, held, strict=True):
+            link.broker.cancel(request_id)
+        await settle(links, lambda: slots.taken == 0 and llm.active_streams == 0)
+        await settle(links, lambda: all(link.heard[-1] == Slots(CAP) for link in links))
+        assert slots.free == CAP and a.broker.in_flight == b.broker.in_flight == 0
+
+        for link in links:
+            await link.close()
+        server.close()
+        await llm.close()
+
+    run(scenario)
+
+
+def test_a_request_cancelled_with_its_arrival_ends_and_gives_its_slot_back() -> None:
+    """The Cancel in the same read as its Request: the task never ran, and still the End goes out."""
+
+    async def scenario() -> None:
+        server, llm = await serve(models=["m"])
+        slots = SlotCounter()
+        link = Link(llm.url, slots)
+        link.broker.capacity(CAP)
+        request_id = link.broker.open("POST", "/v1/chat/completions", "", [], HANG)
+        link.broker.cancel(request_id)
+        link.to_connector()
+        await settle([link], lambda: any(isinstance(f, End) for f in link.heard))
+        assert End(request_id, "cancelled") in link.heard
+        assert slots.taken == 0 and link.broker.in_flight == 0
+        await link.close()
+        server.close()
+        await llm.close()
+
+    run(scenario)
+
+
+CONFIG = """
+connectors:
+  - name: box
+    token: tok-box
+    models: [m]
+    max_concurrent: 3
+"""
+
+
+def test_a_burst_through_one_broker_stays_within_the_cap_and_cancels_leak_no_slot(stack: Stack, tmp_path: Path) -> None:
+    llm = stack.llm("m")
+    broker = stack.broker(CONFIG)
+    stack.connector(broker.url, "tok-box", llm, "m")
+    broker.wait_models("m")
+    wait_until(lambda: broker.health()["tunnels"][0]["free_slots"] == 3, what="the connector's first report")  # type: ignore[index]
+    headers = {"authorization": "Bearer sk-user"}
+    url = broker.url + "/v1/chat/completions"
+
+    async def burst() -> list[httpx.Response]:
+        body = {"model": "m", "stream": True, "messages": [], "fake": {"chunks": 5, "delay_ms": 20}}
+        async with httpx.AsyncClient(timeout=30) as client:
+            return await asyncio.gather(*(client.post(url, json=body, headers=headers) for _ in range(12)))
+
+    answers = asyncio.run(burst())
+    for answer in answers:
+        assert answer.status_code in (200, 429), answer.text
+        if answer.status_code == 429:
+            assert answer.json()["error"]["code"] == "capacity_exceeded" and answer.headers["retry-after"]
+    assert httpx.get(llm + "/_fake/state").json()["peak_streams"] <= 3
+
+    async def cut() -> None:
+        body = {"model": "m", "stream": True, "messages": [], "fake": {"chunks": 1000, "delay_ms": 10}}
+        async with httpx.AsyncClient(timeout=30) as client:
+            for _ in range(6):
+                async with client.stream("POST", url, json=body, headers=headers) as response:
+                    assert response.status_code == 200
+                    async for _ in response.aiter_raw():
+                        break  # the first bytes, then gone
+
+    asyncio.run(cut())
+    wait_until(lambda: broker.health()["tunnels"][0]["free_slots"] == 3, what="every slot back")  # type: ignore[index]
+    assert httpx.get(llm + "/_fake/state").json()["active_streams"] == 0
