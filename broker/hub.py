@@ -18,6 +18,7 @@ from broker.keys import bearer, find_secret
 from broker.logs import RequestLog, log
 from broker.metrics import Metrics, Snapshot
 from broker.models import ModelPlacement
+from broker.peers import Listing, Peers
 from broker.router import ModelRouter
 from broker.sessions import Sessions
 from broker.settings import Settings
@@ -41,6 +42,7 @@ class Hub:
         self.auth_throttle = AuthThrottle()
         self._token_digests = tuple(spec.token_digest for spec in settings.connectors)
         self._tasks: set[asyncio.Task[None]] = set()
+        self.peers = Peers(settings, self._announce)
         _log_warnings(settings)
 
     def snapshot(self) -> Snapshot:
@@ -75,6 +77,8 @@ class Hub:
         generation = session.attach_poll(received, protocol)
         self.metrics.polls.labels(session.name).inc()
         if generation == 1:
+            if self.peers.enabled:
+                session.brokers(self.peers.current)
             if session.hello.models:
                 session.offer(frozenset(session.hello.models))
                 self.placement.place(session)
@@ -98,8 +102,14 @@ class Hub:
 
     # --- configuration and lifetime ----------------------------------------
 
+    def _announce(self, brokers: Listing) -> None:
+        """The set of brokers changed: every connector hears of it (and dials the new ones)."""
+        for session in self.sessions:
+            session.brokers(brokers)
+
     def start(self, reload: Callable[[], Settings] | None = None) -> None:
         self._spawn(self.sessions.reap())
+        self._spawn(self.peers.run())
         path = self.settings.connector_config
         if reload is not None and path:
             self._spawn(config_watch.watch(path, lambda: self.reload_from(reload)))
@@ -136,6 +146,7 @@ class Hub:
             log.error("configuration not reloaded, the old one stays: %s", exc)
 
     async def drain(self, timeout: float) -> None:
+        await self.peers.leave()
         await self.sessions.drain(timeout)
         self.close()
 

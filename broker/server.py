@@ -66,7 +66,16 @@ async def health(request: Request) -> Response:
         }
         for session in hub.router.connectors()
     ]
-    return JSONResponse({"status": "ok", "connectors": len(tunnels), "models": hub.router.models(), "tunnels": tunnels})
+    return JSONResponse(
+        {
+            "status": "ok",
+            "connectors": len(tunnels),
+            "models": hub.router.models(),
+            "tunnels": tunnels,
+            "broker": hub.peers.broker_id,
+            "brokers": len(hub.peers.current),
+        }
+    )
 
 
 async def metrics(request: Request) -> Response:
@@ -188,6 +197,7 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
             loop.remove_signal_handler(signal.SIGHUP)
         hub.close()
         await accounting.aclose()
+        await hub.peers.aclose()
 
     accounting = Accounting(settings, hub.metrics)
     relay = Relay(hub, MemoryAffinity(settings.response_ttl), accounting)

@@ -14,6 +14,7 @@ from wire import (
     PROTOCOL_VERSION,
     Batch,
     Body,
+    Brokers,
     Cancel,
     Chunk,
     Credit,
@@ -64,6 +65,8 @@ EXAMPLES: list[Frame] = [
     Body(10, b"", False),
     Request(11, "POST", "/v1/audio/transcriptions", "", [], b"", more_body=True),
     Welcome("credential", 15.0, 30.0),
+    Welcome("credential", 15.0, 30.0, "b-1"),
+    Brokers([("b-1", "https://b1.example"), ("b-2", "")]),
 ]
 
 

@@ -5,8 +5,10 @@ the tests import this one definition. Nothing here touches a socket or an event 
 """
 
 from wire.endpoints import (
+    BROKER_HEADER,
     DEAD_AFTER_PINGS,
     FRAMES_CONTENT_TYPE,
+    MISDIRECTED,
     POLL_PATH,
     RECEIVED_HEADER,
     REGISTER_PATH,
@@ -20,6 +22,7 @@ from wire.frames import (
     UPLOAD_CREDIT,
     Batch,
     Body,
+    Brokers,
     Cancel,
     Chunk,
     Credit,
@@ -36,7 +39,7 @@ from wire.frames import (
     Welcome,
 )
 from wire.framing import MAX_FRAME_SIZE, FrameDecoder, FrameError, decode_all, encode, encode_many
-from wire.limits import DEFAULT_LIMITS, Limits, check_models
+from wire.limits import DEFAULT_LIMITS, MAX_BROKERS, Limits, check_broker_url, check_brokers, check_models
 from wire.protocol import (
     ACK_DELAY,
     COALESCE_WINDOW,
@@ -51,13 +54,16 @@ from wire.protocol import (
 
 __all__ = [
     "ACK_DELAY",
+    "BROKER_HEADER",
     "COALESCE_WINDOW",
     "DEAD_AFTER_PINGS",
     "DEFAULT_LIMITS",
     "FRAMES_CONTENT_TYPE",
     "INITIAL_CREDIT",
+    "MAX_BROKERS",
     "MAX_FRAME_SIZE",
     "MAX_WRITE",
+    "MISDIRECTED",
     "POLL_PATH",
     "PROTOCOL_VERSION",
     "RECEIVED_HEADER",
@@ -69,6 +75,7 @@ __all__ = [
     "Batch",
     "Body",
     "BrokerConnection",
+    "Brokers",
     "Cancel",
     "Chunk",
     "Coalescer",
@@ -91,6 +98,8 @@ __all__ = [
     "ReplyState",
     "Request",
     "Welcome",
+    "check_broker_url",
+    "check_brokers",
     "check_models",
     "decode_all",
     "encode",

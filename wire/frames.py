@@ -56,11 +56,14 @@ class Welcome(_Frame, tag=2):
     ``session`` is the resume credential: polls and uplinks present it with the token,
     and with both a connector that lost its connections resumes the same session within
     ``resume_grace`` seconds. It is a secret, bound to the token that registered.
+    ``broker`` names the broker process that holds the session: the connector pins its
+    polls and uplinks to it (wire.endpoints.BROKER_HEADER), whatever balances in between.
     """
 
     session: str
     ping_interval: float
     resume_grace: float = 30.0
+    broker: str = ""
 
 
 class Request(_Frame, tag=3):
@@ -190,7 +193,32 @@ class Body(_Frame, tag=14):
     more: bool = True
 
 
-Frame = Hello | Welcome | Request | Head | Chunk | End | Cancel | Ping | Drain | Models | Credit | Pong | Batch | Body
+class Brokers(_Frame, tag=15):
+    """Broker → connector: the live brokers, as (broker id, URL) pairs; the connector holds
+    a session to each. An empty URL means the one the connector reached this broker at
+    (worker processes sharing one port). Sent after registration and when the set changes.
+    """
+
+    brokers: list[tuple[str, str]]
+
+
+Frame = (
+    Hello
+    | Welcome
+    | Request
+    | Head
+    | Chunk
+    | End
+    | Cancel
+    | Ping
+    | Drain
+    | Models
+    | Credit
+    | Pong
+    | Batch
+    | Body
+    | Brokers
+)
 
 # Bytes of reply body a connector may send ahead of the user's reading.
 INITIAL_CREDIT = 128 * 1024
