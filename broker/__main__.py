@@ -21,14 +21,18 @@ from broker.logs import log
 from broker.server import create_app
 from broker.settings import Settings, parse_cli, resolve
 from broker.usage_cli import usage_main
+from broker.workers import reuseport_socket, supervise
 
 GRACEFUL_TIMEOUT = 30.0  # requests in flight get this long to finish on SIGTERM
+STOP_MARGIN = 10.0  # --workers: a worker still there this long after its drain is killed
 
 
 def hypercorn_config(settings: Settings) -> Config:
     config = Config()
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     config.bind = [f"{host}:{settings.port}"]
+    if settings.identity.siblings:  # a worker of --workers: the port is shared with its siblings
+        config.bind = [f"fd://{reuseport_socket(settings.host, settings.port).detach()}"]
     if settings.certfile and settings.keyfile:
         config.certfile = settings.certfile
         config.keyfile = settings.keyfile
@@ -85,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"python -m broker: {exc}", file=sys.stderr)
         return 2
+    if settings.workers > 1 and not settings.identity.siblings:
+        return supervise(argv, settings.workers, GRACEFUL_TIMEOUT + STOP_MARGIN)
     if not settings.certfile:
         warn_cleartext(settings.host)
     try:

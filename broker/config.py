@@ -15,6 +15,7 @@ from broker.keys import check_visible, parse_secret
 from broker.limits import Limits
 from broker.routes import validate_allowed_path
 from broker.users import User
+from wire import MAX_BROKERS, check_broker_url
 
 
 def _text(value: object) -> str:
@@ -62,6 +63,21 @@ def _redis_policy(value: object) -> str:
     return str(value)
 
 
+def _broker_url(value: object) -> str:
+    why = check_broker_url(_text(value).rstrip("/"))
+    if why is not None:
+        raise ValueError(why.removeprefix("broker URL "))
+    return _text(value).rstrip("/")
+
+
+def _broker_urls(value: object) -> tuple[str, ...]:
+    """A list (YAML, repeated flags) or a comma-separated string (the environment)."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list) or len(items) > MAX_BROKERS:
+        raise ValueError(f"must be at most {MAX_BROKERS} URLs")
+    return tuple(dict.fromkeys(_broker_url(item.strip() if isinstance(item, str) else item) for item in items))
+
+
 # Every broker setting a CLI flag, an environment variable or the YAML file may carry,
 # with the one function that validates it from any of the three.
 SETTINGS: dict[str, Any] = {
@@ -88,6 +104,9 @@ SETTINGS: dict[str, Any] = {
     "redis_url": _text,
     "redis_unreachable": _redis_policy,
     "usage_retention_days": _positive(int),
+    "advertise_url": _broker_url,
+    "peers": _broker_urls,
+    "workers": _positive(int),
 }
 _CONNECTOR_KEYS = frozenset({"name", "token", "llm_api_key", "models", "max_concurrent", "allowed_paths"})
 _TOP_LEVEL_KEYS = frozenset({"user_api_keys", "connectors", "allowed_paths", "users", "admin_api_keys"})

@@ -20,6 +20,7 @@ from broker.logs import RequestLog, log
 from broker.metrics import Metrics, Snapshot
 from broker.models import ModelPlacement
 from broker.notices import Notices
+from broker.peers import Listing, Peers
 from broker.router import ModelRouter
 from broker.sessions import Sessions
 from broker.settings import Settings
@@ -44,6 +45,7 @@ class Hub:
         self._token_digests = tuple(spec.token_digest for spec in settings.connectors)
         self._tasks: set[asyncio.Task[None]] = set()
         self.notices: Notices | None = None  # with Redis: reloads and revocations reach every broker at once
+        self.peers = Peers(settings, self._announce)
         _log_warnings(settings)
 
     def snapshot(self) -> Snapshot:
@@ -78,6 +80,8 @@ class Hub:
         generation = session.attach_poll(received, protocol)
         self.metrics.polls.labels(session.name).inc()
         if generation == 1:
+            if self.peers.enabled:
+                session.brokers(self.peers.current)
             if session.hello.models:
                 session.offer(frozenset(session.hello.models))
                 self.placement.place(session)
@@ -101,6 +105,11 @@ class Hub:
 
     # --- configuration and lifetime ----------------------------------------
 
+    def _announce(self, brokers: Listing) -> None:
+        """The set of brokers changed: every connector hears of it (and dials the new ones)."""
+        for session in self.sessions:
+            session.brokers(brokers)
+
     def start(self, reload: Callable[[], Settings] | None = None) -> None:
         self._spawn(self.sessions.reap())
         settings = self.settings
@@ -108,6 +117,7 @@ class Hub:
             on_config = functools.partial(self.reload_from, reload, announce=False)
             self.notices = Notices(settings.redis_url, on_config, self.sessions.revoke_token)
             self._spawn(self.notices.listen())
+        self._spawn(self.peers.run())
         path = settings.connector_config
         if reload is not None and path:
             self._spawn(config_watch.watch(path, lambda: self.reload_from(reload)))
@@ -156,6 +166,7 @@ class Hub:
             self._spawn(self.notices.revoked(token_digest))
 
     async def drain(self, timeout: float) -> None:
+        await self.peers.leave()
         await self.sessions.drain(timeout)
         self.close()
 

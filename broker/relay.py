@@ -38,7 +38,7 @@ from broker.settings import Settings
 from broker.tunnel import Exchange, Interrupt, ReplyEvent, Session
 from broker.upload import Upload
 from broker.users import User
-from wire import UPLOAD_CREDIT, Chunk, End, Head
+from wire import UPLOAD_CREDIT, Chunk, End, Head, connector_of
 from wire.headers import forwardable_request_header, forwardable_response_header, valid_header, valid_status
 
 # Attempts of one request: a connector that is full refuses it before anything started
@@ -184,7 +184,7 @@ class Relay:
             previous = body.previous_response_id
             creator = await self.affinity.connector_of(previous) if previous else None
             if creator is not None:
-                return _Target(lambda session: session.hello.connector_id == creator)
+                return _Target(lambda session: _connector(session) == creator)
         return target
 
     def _route_of(self, method: str, path: str) -> _Target | None:
@@ -221,7 +221,7 @@ class Relay:
         if creator is None:
             await out.fail(send, 404, "not_found", f"No response with id {target.object_id!r} is known here.")
             return None
-        return _Target(lambda session: session.hello.connector_id == creator, target.object_id)
+        return _Target(lambda session: _connector(session) == creator, target.object_id)
 
     async def _forward(
         self, scope: Scope, send: Send, path: str, body: bytes, target: _Target, out: "_Outcome"
@@ -244,7 +244,7 @@ class Relay:
                         return
                     out.connector = session.name
                     if out.sniffer is not None:
-                        out.sniffer.creator = session.hello.connector_id
+                        out.sniffer.creator = _connector(session)
                     upload = out.upload
                     exchange = out.exchange = session.open(
                         scope["method"], path, query, headers, body, more_body=upload is not None
@@ -468,6 +468,11 @@ Accepts = Callable[[Session], bool]
 
 def _anyone(session: Session) -> bool:
     return True
+
+
+def _connector(session: Session) -> str:
+    """The connector behind a session: the same on every broker it holds a session with."""
+    return connector_of(session.hello.connector_id)
 
 
 def _raw_path(scope: Scope) -> str:

@@ -67,7 +67,16 @@ async def health(request: Request) -> Response:
         }
         for session in hub.router.connectors()
     ]
-    return JSONResponse({"status": "ok", "connectors": len(tunnels), "models": hub.router.models(), "tunnels": tunnels})
+    return JSONResponse(
+        {
+            "status": "ok",
+            "connectors": len(tunnels),
+            "models": hub.router.models(),
+            "tunnels": tunnels,
+            "broker": hub.peers.broker_id,
+            "brokers": len(hub.peers.current),
+        }
+    )
 
 
 async def metrics(request: Request) -> Response:
@@ -190,6 +199,7 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
         await hub.aclose()
         await affinity.aclose()
         await accounting.aclose()
+        await hub.peers.aclose()
 
     accounting = Accounting(settings, hub.metrics)
     affinity = affinity_of(settings.redis_url, settings.response_ttl)

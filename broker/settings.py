@@ -13,6 +13,7 @@ from argparse_dataclass import ArgumentParser
 
 from broker.config import SETTINGS, ConfigError, ConnectorSpec, load_file
 from broker.database import DEFAULT_DATABASE
+from broker.identity import Identity
 from broker.keys import parse_secret
 from broker.limits_redis import RedisPolicy
 from broker.users import User
@@ -101,9 +102,19 @@ class BrokerArgs:
     sessions_per_token: int | None = field(
         default=None, metadata={"type": int, "help": "sessions one connector token may hold at once (16)"}
     )
+    advertise_url: str | None = field(
+        default=None, metadata={"type": str, "metavar": "URL", "help": "how connectors reach this broker itself"}
+    )
+    peers: list[str] | None = field(
+        default=None,
+        metadata={"args": ["--peer"], "type": str, "metavar": "URL", "help": "another broker (repeatable)"},
+    )
+    workers: int | None = field(
+        default=None, metadata={"type": int, "metavar": "N", "help": "broker processes serving the one port (1)"}
+    )
 
 
-_REPEATABLE = ("user_api_key", "admin_api_key")
+_REPEATABLE = ("user_api_key", "admin_api_key", "peers")
 
 
 def parse_cli(argv: list[str], prog: str = "python -m broker") -> BrokerArgs:
@@ -151,6 +162,11 @@ class Settings:
     ping_interval: float = 15.0  # also the connector's heartbeat; silence for 3 of them = dead
     poll_lifetime: float = 300.0  # each poll ends after this long; the connector polls again
     model_refresh: float = 60.0  # how often a connector's LLM is asked for its models again
+    advertise_url: str | None = None  # how connectors reach this broker (listed to them)
+    peers: tuple[str, ...] = ()  # the other brokers' URLs, when there is no Redis registry
+    workers: int = 1  # processes serving the one port (python -m broker --workers)
+    # This process among the brokers (wire.Welcome.broker), and its sibling workers' ids.
+    identity: Identity = field(default_factory=Identity.single, compare=False)  # not a setting: who this is
 
 
 def resolve(args: BrokerArgs | None, env: Mapping[str, str]) -> Settings:
@@ -168,6 +184,10 @@ def resolve(args: BrokerArgs | None, env: Mapping[str, str]) -> Settings:
                 values[name] = SETTINGS[name](value)
             except ValueError as exc:
                 raise ConfigError(f"{name} ({source}) {exc}: {value!r}") from None
+    try:
+        identity = Identity.from_env(env)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if bool(values.get("certfile")) != bool(values.get("keyfile")):
         raise ConfigError("certfile and keyfile go together")
     _check_body_limits(values)
@@ -189,6 +209,7 @@ def resolve(args: BrokerArgs | None, env: Mapping[str, str]) -> Settings:
         warnings=file.warnings if file else (),
         users=file.users if file else (),
         admin_key_digests=tuple(dict.fromkeys(admin_digests)),
+        identity=identity,
     )
 
 

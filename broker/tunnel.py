@@ -200,6 +200,9 @@ class Session:
     def models(self, models: list[str]) -> None:
         self._intent(self.conn.models, models)
 
+    def brokers(self, brokers: list[tuple[str, str]]) -> None:
+        self._intent(self.conn.brokers, brokers)
+
     def drain(self, reason: str) -> None:
         """This broker is leaving: no new requests; the connector is told to go elsewhere."""
         self.leave()

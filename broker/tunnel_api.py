@@ -10,7 +10,9 @@ from broker.hub import Hub
 from broker.sessions import Refused
 from broker.tunnel import Session
 from wire import (
+    BROKER_HEADER,
     FRAMES_CONTENT_TYPE,
+    MISDIRECTED,
     RECEIVED_HEADER,
     SESSION_HEADER,
     SHORT_POLL_QUERY,
@@ -49,7 +51,19 @@ async def _refuse_token(hub: Hub, send: Send, scope: Scope) -> None:
     await send_error(send, 401, "invalid_token", "Unknown connector token or session.")
 
 
+async def _misdirected(hub: Hub, scope: Scope, send: Send) -> bool:
+    """A request pinned to another broker process (it came through a balancer): 421, before
+    anything else, and the connector tries again on a new connection."""
+    wanted = header(scope, BROKER_HEADER.encode())
+    if wanted is None or wanted == hub.peers.broker_id:
+        return False
+    await send_error(send, MISDIRECTED, "misdirected", "This is another broker; connect again.")
+    return True
+
+
 async def _session(hub: Hub, scope: Scope, send: Send) -> Session | None:
+    if await _misdirected(hub, scope, send):
+        return None
     spec = hub.connector_spec(header(scope, b"authorization"))
     if spec is None:
         await _refuse_token(hub, send, scope)
@@ -68,6 +82,8 @@ async def _refuse_frames(hub: Hub, session: Session, send: Send, exc: ProtocolEr
 
 
 async def register(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
+    if await _misdirected(hub, scope, send):
+        return
     spec = hub.connector_spec(header(scope, b"authorization"))
     if spec is None:
         await _refuse_token(hub, send, scope)
@@ -87,7 +103,9 @@ async def register(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None
         await send_error(send, exc.status, exc.code, str(exc))
         return
     settings = hub.settings
-    body = encode(Welcome(session.credential, settings.ping_interval, settings.resume_grace))
+    # A broker alone names no broker id: its connectors pin nothing, as before there were several.
+    broker_id = hub.peers.broker_id if hub.peers.enabled else ""
+    body = encode(Welcome(session.credential, settings.ping_interval, settings.resume_grace, broker_id))
     await send({"type": "http.response.start", "status": 200, "headers": _FRAMES_HEADERS})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 

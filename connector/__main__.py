@@ -1,4 +1,4 @@
-"""``python -m connector``: dial out to the broker and serve the local LLM through it."""
+"""``python -m connector``: dial out to the broker(s) and serve the local LLM through them."""
 
 import asyncio
 import importlib
@@ -11,11 +11,10 @@ from collections.abc import Callable
 
 import httpx
 
+from connector.fleet import Fleet
 from connector.health import serve_health
 from connector.llm import LLMClient
 from connector.settings import SettingsError, parse_cli, resolve
-from connector.slots import SlotCounter
-from connector.tunnel import Status, Tunnel
 from wire.endpoints import loopback
 
 log = logging.getLogger("remotellm.connector")
@@ -27,20 +26,18 @@ async def run(argv: list[str]) -> int:
     except SettingsError as exc:
         print(f"python -m connector: {exc}", file=sys.stderr)
         return 2
-    _warn_cleartext(settings.broker_url)
-    status = Status(models=list(settings.models))
+    for url in settings.broker_urls:
+        _warn_cleartext(url)
     llm = LLMClient(settings.llm_url)
-    health = (
-        await serve_health(settings.health_port, status, settings.public_broker_url) if settings.health_port else None
-    )
-    tunnel = Tunnel(settings, llm, status, SlotCounter())
-    main = asyncio.create_task(tunnel.run())
+    fleet = Fleet(settings, llm)
+    health = await serve_health(settings.health_port, fleet.health) if settings.health_port else None
+    main = asyncio.create_task(fleet.run())
     stopping: list[asyncio.Task[None]] = []
 
     async def stop() -> None:
         log.info("stopping: finishing the requests in flight")
         try:
-            await tunnel.drain()
+            await fleet.drain()
         finally:
             main.cancel()
 

@@ -1,15 +1,17 @@
 """The connector's local health endpoint: a tiny HTTP/1.1 responder on loopback."""
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 import msgspec
-
-from connector.tunnel import Status
 
 READ_TIMEOUT = 5.0
 
 
-async def serve_health(port: int, status: Status, broker_url: str) -> asyncio.Server:
+async def serve_health(port: int, report: Callable[[], dict[str, Any]]) -> asyncio.Server:
+    """``report``: the health document (connector.fleet.Fleet.health)."""
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             async with asyncio.timeout(READ_TIMEOUT):
@@ -17,16 +19,7 @@ async def serve_health(port: int, status: Status, broker_url: str) -> asyncio.Se
                 while (await reader.readline()) not in (b"\r\n", b"\n", b""):
                     pass
             if request_line.split(b" ")[:2] == [b"GET", b"/health"]:
-                body = msgspec.json.encode(
-                    {
-                        "status": "ok" if status.connected else "degraded",
-                        "connected": status.connected,
-                        "broker_url": broker_url,
-                        "models": status.models,
-                        "last_error": status.last_error,
-                        "protocol": status.protocol,
-                    }
-                )
+                body = msgspec.json.encode(report())
                 head = b"HTTP/1.1 200 OK\r\n"
             else:
                 body, head = b'{"error": "not found"}', b"HTTP/1.1 404 Not Found\r\n"

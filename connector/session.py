@@ -10,7 +10,7 @@ as long as the broker's resume grace allows; only then is the session lost.
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -19,6 +19,7 @@ import msgspec
 from connector.links import make_client
 from connector.llm import Forbidden, LLMClient
 from connector.path import PathProfile
+from connector.pinning import MISDIRECT_ATTEMPTS, Misdirected, check_pinned, probe_uplink
 from connector.settings import Settings
 from connector.slots import SlotCounter
 from connector.uplink import UplinkError, upload
@@ -26,12 +27,14 @@ from connector.usage_meter import UsageMeter, prepare
 from wire import (
     ACK_DELAY,
     DEAD_AFTER_PINGS,
+    MISDIRECTED,
     POLL_PATH,
     RECEIVED_HEADER,
     REPLY_PATH,
     SESSION_HEADER,
     SHORT_POLL_QUERY,
     Body,
+    Brokers,
     Cancel,
     Capacity,
     Coalescer,
@@ -90,8 +93,10 @@ class Session:
         auth: dict[str, str],
         welcome: Welcome,
         slots: SlotCounter,
+        on_brokers: Callable[[list[tuple[str, str]]], None] | None = None,
     ) -> None:
         self.settings = settings
+        self.on_brokers = on_brokers  # who hears the broker's lists of brokers
         self.llm = llm
         self.status = status
         self.path = path
@@ -174,6 +179,7 @@ class Session:
 
     async def _poll_forever(self) -> None:
         timeout = DEAD_AFTER_PINGS * self.welcome.ping_interval
+        misses = 0
         while not self.drained:
             try:
                 async with make_client(self.settings, http2=self.path.http2, read_timeout=timeout) as client:
@@ -184,6 +190,11 @@ class Session:
                             await self._poll(client)
                         if self.drained:
                             return
+            except Misdirected as exc:  # another broker: a new connection, at once a few times
+                misses += 1
+                if misses % MISDIRECT_ATTEMPTS == 0:
+                    self._trouble("poll", exc)
+                    await asyncio.sleep(RETRY_DELAY)
             except (httpx.HTTPError, OSError, TimeoutError) as exc:
                 self._trouble("poll", exc)
                 self._restart_uplink.set()  # what broke the poll most likely broke the uplink
@@ -232,6 +243,7 @@ class Session:
         reader.finish()
 
     def _check(self, response: httpx.Response) -> None:
+        check_pinned(response)
         if response.status_code == 401:
             raise SessionLost(f"the broker answered a poll with 401: {error_message(response)}")
         if response.status_code != 200:
@@ -282,6 +294,8 @@ class Session:
         elif kind is Drain:
             log.info("broker asks to drain: %s", frame.reason)  # type: ignore[union-attr]
             self.drained = True
+        elif kind is Brokers and self.on_brokers is not None:
+            self.on_brokers(frame.brokers)  # type: ignore[union-attr]
         elif kind is Capacity:
             self.slots.cap(self, frame.max_concurrent)  # type: ignore[union-attr]
 
@@ -310,9 +324,21 @@ class Session:
         """Uplinks, one after another, until the session closes; each new one starts by
         sending again what the broker has not acknowledged."""
         url = self.settings.broker_url + REPLY_PATH
+        misses = 0
         while not self.closing:
             self._restart_uplink.clear()
             async with make_client(self.settings, http2=self.path.http2, read_timeout=None) as client:
+                try:
+                    await probe_uplink(client, self.settings.broker_url, self.headers)
+                except Misdirected:  # another broker: a new connection, at once a few times
+                    misses += 1
+                    if misses % MISDIRECT_ATTEMPTS == 0:
+                        await asyncio.sleep(RETRY_DELAY)
+                    continue
+                except (httpx.HTTPError, OSError) as exc:
+                    self._trouble("uplink", exc)
+                    await asyncio.sleep(RETRY_DELAY)
+                    continue
                 attempt = asyncio.ensure_future(upload(client, url, self.headers, self, batching=self.path.buffering))
                 restart = asyncio.ensure_future(self._restart_uplink.wait())
                 try:
@@ -329,7 +355,9 @@ class Session:
                     except UplinkError as exc:
                         if exc.status == 401:
                             raise SessionLost("the broker no longer knows this session") from exc
-                        raise
+                        if exc.status != MISDIRECTED:
+                            raise
+                        self._trouble("uplink", exc)  # a balancer that picks per request
                     except (httpx.HTTPError, OSError) as exc:
                         self._trouble("uplink", exc)
             self.conn.rewind()

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import httpx
 from argparse_dataclass import ArgumentParser
 
-from wire import DEFAULT_LIMITS
+from wire import DEFAULT_LIMITS, MAX_BROKERS
 
 
 class SettingsError(ValueError):
@@ -19,7 +19,9 @@ class SettingsError(ValueError):
 class ConnectorArgs:
     """The CLI of ``python -m connector``; None means "not given here"."""
 
-    broker_url: str | None = field(default=None, metadata={"type": str, "metavar": "URL", "help": "the broker"})
+    broker_url: list[str] | None = field(
+        default=None, metadata={"type": str, "metavar": "URL", "help": "a broker, or their balancer (repeatable)"}
+    )
     token: str | None = field(default=None, metadata={"type": str, "help": "this connector's token"})
     llm_url: str | None = field(
         default=None, metadata={"type": str, "metavar": "URL", "help": "base URL of the local LLM server"}
@@ -40,7 +42,7 @@ class ConnectorArgs:
 def parse_cli(argv: list[str], prog: str = "python -m connector") -> ConnectorArgs:
     parser = ArgumentParser(ConnectorArgs, prog=prog)
     for action in parser._actions:
-        if action.dest == "model":  # argparse-dataclass has no "append" action
+        if action.dest in ("model", "broker_url"):  # argparse-dataclass has no "append" action
             action.__class__ = argparse._AppendAction
             action.default = None
     args: ConnectorArgs = parser.parse_args(argv)
@@ -57,6 +59,7 @@ class Settings:
     proxy: str | None = None
     ca_certs: str | None = None
     max_requests: int = DEFAULT_LIMITS.max_streams  # a broker asking for more at once is refused
+    broker_urls: tuple[str, ...] = ()  # every --broker-url: where the fleet scouts (broker_url is the first)
 
     def __repr__(self) -> str:  # the token must not reach a log or a traceback
         return f"Settings(broker_url={self.public_broker_url!r}, llm_url={self.llm_url!r}, models={self.models!r})"
@@ -76,9 +79,13 @@ def resolve(args: ConnectorArgs | None, env: Mapping[str, str]) -> Settings:
             raise SettingsError(f"{what} is required (or set {var})")
         return chosen
 
-    broker_url = pick(args.broker_url, "REMOTELLM_BROKER_URL", "--broker-url").rstrip("/")
+    given = ",".join(args.broker_url) if args.broker_url else None
+    broker_urls = [u.strip().rstrip("/") for u in pick(given, "REMOTELLM_BROKER_URL", "--broker-url").split(",")]
+    broker_urls = list(dict.fromkeys(u for u in broker_urls if u))
     llm_url = pick(args.llm_url, "REMOTELLM_LLM_URL", "--llm-url").rstrip("/")
-    for name, url in (("--broker-url", broker_url), ("--llm-url", llm_url)):
+    if not broker_urls or len(broker_urls) > MAX_BROKERS:
+        raise SettingsError(f"--broker-url: give 1 to {MAX_BROKERS}")
+    for name, url in (*(("--broker-url", u) for u in broker_urls), ("--llm-url", llm_url)):
         if not url.startswith(("http://", "https://")):
             raise SettingsError(f"{name} must start with http:// or https://")
     models = args.model or [m.strip() for m in env.get("REMOTELLM_MODELS", "").split(",") if m.strip()]
@@ -110,7 +117,8 @@ def resolve(args: ConnectorArgs | None, env: Mapping[str, str]) -> Settings:
         raise SettingsError("--max-requests must be at least 1")
     return Settings(
         max_requests=max_requests,
-        broker_url=broker_url,
+        broker_url=broker_urls[0],
+        broker_urls=tuple(broker_urls),
         token=pick(args.token, "REMOTELLM_CONNECTOR_TOKEN", "--token"),
         llm_url=llm_url,
         models=tuple(dict.fromkeys(models)),

@@ -456,7 +456,7 @@ def test_connector_cli_repeatable_model() -> None:
         ]
     )
     assert args.model == ["a", "b"]
-    assert (args.broker_url, args.token, args.llm_url) == ("https://b", "ct", "http://l")
+    assert (args.broker_url, args.token, args.llm_url) == (["https://b"], "ct", "http://l")
     assert args.health_port == 8081
     assert (args.proxy, args.ca_certs) == ("http://proxy:3128", "ca.pem")
     assert connector_settings.parse_cli([]).model is None

@@ -5,8 +5,10 @@ the tests import this one definition. Nothing here touches a socket or an event 
 """
 
 from wire.endpoints import (
+    BROKER_HEADER,
     DEAD_AFTER_PINGS,
     FRAMES_CONTENT_TYPE,
+    MISDIRECTED,
     POLL_PATH,
     RECEIVED_HEADER,
     REGISTER_PATH,
@@ -15,11 +17,13 @@ from wire.endpoints import (
     SHORT_POLL_QUERY,
 )
 from wire.frames import (
+    CONNECTOR_ID_SEPARATOR,
     INITIAL_CREDIT,
     PROTOCOL_VERSION,
     UPLOAD_CREDIT,
     Batch,
     Body,
+    Brokers,
     Cancel,
     Capacity,
     Chunk,
@@ -36,9 +40,10 @@ from wire.frames import (
     Request,
     Slots,
     Welcome,
+    connector_of,
 )
 from wire.framing import MAX_FRAME_SIZE, FrameDecoder, FrameError, decode_all, encode, encode_many
-from wire.limits import DEFAULT_LIMITS, Limits, check_models
+from wire.limits import DEFAULT_LIMITS, MAX_BROKERS, Limits, check_broker_url, check_brokers, check_models
 from wire.protocol import (
     ACK_DELAY,
     COALESCE_WINDOW,
@@ -53,13 +58,17 @@ from wire.protocol import (
 
 __all__ = [
     "ACK_DELAY",
+    "BROKER_HEADER",
     "COALESCE_WINDOW",
+    "CONNECTOR_ID_SEPARATOR",
     "DEAD_AFTER_PINGS",
     "DEFAULT_LIMITS",
     "FRAMES_CONTENT_TYPE",
     "INITIAL_CREDIT",
+    "MAX_BROKERS",
     "MAX_FRAME_SIZE",
     "MAX_WRITE",
+    "MISDIRECTED",
     "POLL_PATH",
     "PROTOCOL_VERSION",
     "RECEIVED_HEADER",
@@ -71,6 +80,7 @@ __all__ = [
     "Batch",
     "Body",
     "BrokerConnection",
+    "Brokers",
     "Cancel",
     "Capacity",
     "Chunk",
@@ -95,7 +105,10 @@ __all__ = [
     "Request",
     "Slots",
     "Welcome",
+    "check_broker_url",
+    "check_brokers",
     "check_models",
+    "connector_of",
     "decode_all",
     "encode",
     "encode_many",

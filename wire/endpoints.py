@@ -8,6 +8,11 @@ REPLY_PATH = "/tunnel/v1/reply"  # POST: a streaming body of reply frames (the c
 
 # The resume credential of Welcome.session: with the token, it names the session.
 SESSION_HEADER = "x-remotellm-session"
+# On a register, poll or uplink meant for one broker process (wire.Welcome.broker): any other
+# answers MISDIRECTED, and the connector tries again on a new connection (a load balancer
+# or a shared port puts each connection, or each request, on any of them).
+BROKER_HEADER = "x-remotellm-broker"
+MISDIRECTED = 421
 # On a poll: how many broker frames the connector has received; the rest is sent again.
 RECEIVED_HEADER = "x-remotellm-received"
 # Either side takes the other for dead after this many ping intervals without a sign of life.

@@ -38,6 +38,16 @@ class _Frame(msgspec.Struct, array_like=True, tag_field="k"):
     pass
 
 
+# Hello.connector_id is "<connector>.<tunnel>": the tunnels of one connector process (one to
+# each broker) share the part before the separator, by which every broker knows the connector.
+CONNECTOR_ID_SEPARATOR = "."
+
+
+def connector_of(connector_id: str) -> str:
+    """The connector a tunnel's ``Hello.connector_id`` belongs to (the same on every broker)."""
+    return connector_id.partition(CONNECTOR_ID_SEPARATOR)[0]
+
+
 class Hello(_Frame, tag=1):
     """Connector → broker registration (the body of the register call).
 
@@ -57,11 +67,14 @@ class Welcome(_Frame, tag=2):
     ``session`` is the resume credential: polls and uplinks present it with the token,
     and with both a connector that lost its connections resumes the same session within
     ``resume_grace`` seconds. It is a secret, bound to the token that registered.
+    ``broker`` names the broker process that holds the session: the connector pins its
+    polls and uplinks to it (wire.endpoints.BROKER_HEADER), whatever balances in between.
     """
 
     session: str
     ping_interval: float
     resume_grace: float = 30.0
+    broker: str = ""
 
 
 class Request(_Frame, tag=3):
@@ -191,6 +204,15 @@ class Body(_Frame, tag=14):
     more: bool = True
 
 
+class Brokers(_Frame, tag=15):
+    """Broker → connector: the live brokers, as (broker id, URL) pairs; the connector holds
+    a session to each. An empty URL means the one the connector reached this broker at
+    (worker processes sharing one port). Sent after registration and when the set changes.
+    """
+
+    brokers: list[tuple[str, str]]
+
+
 class Capacity(_Frame, tag=20):
     """Broker → connector: the connector's ``max_concurrent`` in this broker's configuration
     (0: no cap), before any request and again when a reload changes it. The connector holds
@@ -209,7 +231,7 @@ class Slots(_Frame, tag=21):
 
 Frame = (
     Hello | Welcome | Request | Head | Chunk | End | Cancel | Ping | Drain | Models | Credit | Pong | Batch | Body
-    | Capacity | Slots
+    | Brokers | Capacity | Slots
 )  # fmt: skip
 
 # Bytes of reply body a connector may send ahead of the user's reading.

@@ -33,6 +33,7 @@ from wire.frames import (
     UPLOAD_CREDIT,
     Batch,
     Body,
+    Brokers,
     Cancel,
     Capacity,
     Chunk,
@@ -51,7 +52,7 @@ from wire.frames import (
     UsageSource,
 )
 from wire.framing import MAX_FRAME_SIZE, FrameDecoder, FrameError
-from wire.limits import DEFAULT_LIMITS, Limits, check_models
+from wire.limits import DEFAULT_LIMITS, Limits, check_brokers, check_models
 
 _encoder = msgspec.msgpack.Encoder()
 
@@ -463,6 +464,10 @@ class BrokerConnection(_Endpoint):
         """Tell the connector which models the broker now routes to it."""
         self._send(Models(models))
 
+    def brokers(self, brokers: list[tuple[str, str]]) -> None:
+        """Tell the connector which brokers are live (it holds a session to each)."""
+        self._send(Brokers(brokers))
+
     def capacity(self, max_concurrent: int | None) -> None:
         """Tell the connector its max_concurrent here (None: no cap)."""
         self._send(Capacity(max_concurrent or 0))
@@ -614,6 +619,11 @@ class ConnectorConnection(_Endpoint):
             return frame
         if kind is Drain:
             self.peer_draining = True
+            return frame
+        if kind is Brokers:
+            why = check_brokers(frame.brokers)  # type: ignore[union-attr]
+            if why is not None:
+                raise ProtocolError(f"Brokers: {why}")
             return frame
         if kind is Capacity:
             _check_slots(frame.max_concurrent, self.limits)  # type: ignore[union-attr]

@@ -1,0 +1,74 @@
+"""nginx as the load balancer in front of several brokers, configured as the README says.
+
+The README's "Several brokers" nginx block is used as written, but for its addresses:
+the upstream servers become the test's brokers, the listener a free loopback port without
+TLS, and the surrounding main block keeps every file in the balancer's own directory.
+"""
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.proxies import NGINX_HINT, Proxy, require_binary
+from tests.support import ROOT, Stack, free_port
+
+MAIN = """\
+daemon off;
+worker_processes 1;
+user root;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log {dir}/access.log;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+{site}
+}}
+"""
+
+
+def readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    return text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def readme_block(title: str, language: str) -> str:
+    """The first fenced block of ``language`` in the README's section ``title``."""
+    found = re.search(rf"```{language}\n(.*?)```", readme_section(title), re.S)
+    assert found, f"no {language} block under {title}"
+    return found.group(1)
+
+
+def balancer_site(upstreams: list[str], port: int) -> str:
+    """The README's nginx block with these upstreams ("127.0.0.1:PORT") and a cleartext listener."""
+    site = readme_block("Several brokers", "nginx")
+    servers = re.findall(r"^\s*server \S+:\d+;\n", site, re.M)
+    assert servers, "the README's upstream lists no server"
+    site = site.replace("".join(servers), "".join(f"    server {u};\n" for u in upstreams))
+    site = re.sub(r"listen 443 ssl;", f"listen 127.0.0.1:{port};", site)
+    return re.sub(r"^\s*(ssl_certificate\S*|server_name) .*\n", "", site, flags=re.M)
+
+
+@dataclass
+class Balancer:
+    proxy: Proxy
+    conf: Path
+
+    @property
+    def url(self) -> str:
+        return self.proxy.url
+
+
+def start_balancer(stack: Stack, workdir: Path, upstreams: list[str]) -> Balancer:
+    binary = require_binary("nginx", NGINX_HINT)
+    port = free_port()
+    conf = workdir / "nginx.conf"
+    conf.write_text(MAIN.format(dir=workdir, site=balancer_site(upstreams, port)))
+    proc = stack.spawn("nginx-balancer", [binary, "-c", str(conf), "-p", str(workdir)])
+    proxy = Proxy("nginx", port, proc, workdir, workdir / "access.log")
+    proxy.wait_started()
+    return Balancer(proxy, conf)
