@@ -11,8 +11,9 @@ import redis.asyncio as aioredis
 
 from broker.affinity import KEY_PREFIX, MAX_SHARED_CONNECTOR_ID, IdSniffer, MemoryAffinity, RedisAffinity
 from broker.limits_redis import redis_client
+from tests.fleets import free_slots, two_brokers
 from tests.servers import RedisServer, start_redis
-from tests.support import Stack, free_port
+from tests.support import Stack, free_port, wait_until
 
 TTL = 3600.0
 
@@ -104,28 +105,23 @@ def test_the_sniffer_remembers_the_first_id_before_its_bytes_go_on() -> None:
     run(scenario)
 
 
-CONFIG = """
-connectors:
-  - name: box
-    token: tok-box
-    models: [m]
-"""
-
-
-def test_a_response_created_through_one_broker_is_known_to_another(stack: Stack, tmp_path: Path) -> None:
-    """Broker B holds no session with the connector that made the response: it knows the id
-    (503, its connector is not here) where a broker without Redis would not (404)."""
-    redis = start_redis(stack, tmp_path)
-    env = {"REMOTELLM_REDIS_URL": redis.url}
-    a = stack.broker(CONFIG, env=env, name="broker-a")
-    b = stack.broker(CONFIG, env=env, name="broker-b")
-    alone = stack.broker(CONFIG, name="broker-alone")
-    stack.connector(a.url, "tok-box", stack.llm("m"), "m")
-    a.wait_models("m")
+def test_a_response_created_through_one_broker_is_continued_through_another_on_its_connector(
+    stack: Stack, tmp_path: Path
+) -> None:
+    brokers = two_brokers(stack, tmp_path)
+    for token, name in (("tok-box", "llm-a"), ("tok-other", "llm-b")):
+        stack.connector(brokers[0].url, token, stack.llm("m", name=name), "m", name=f"connector-{name}")
+    wait_until(lambda: all(len(free_slots(b)) == 2 for b in brokers), what="both connectors on both brokers")
     headers = {"authorization": "Bearer sk-user"}
-    created = httpx.post(a.url + "/v1/responses", json={"model": "m", "input": "hi"}, headers=headers, timeout=10)
+    created = httpx.post(brokers[0].url + "/v1/responses", json={"model": "m", "input": "hi"}, headers=headers)
     assert created.status_code == 200, created.text
-    response_id = created.json()["id"]
-    assert httpx.get(f"{a.url}/v1/responses/{response_id}", headers=headers, timeout=10).status_code == 200
-    assert httpx.get(f"{b.url}/v1/responses/{response_id}", headers=headers, timeout=10).status_code == 503
-    assert httpx.get(f"{alone.url}/v1/responses/{response_id}", headers=headers, timeout=10).status_code == 404
+    previous = created.json()["id"]
+    maker = previous.split("_")[1]  # fakellm's ids name the LLM that made them: resp_<llm>_<n>
+    for turn in range(6):  # by chance, through the other connector, six times in a row: 1 in 64
+        broker = brokers[(turn + 1) % 2]
+        body = {"model": "m", "input": "again", "previous_response_id": previous}
+        answer = httpx.post(broker.url + "/v1/responses", json=body, headers=headers, timeout=10)
+        assert answer.status_code == 200, answer.text
+        previous = answer.json()["id"]
+        assert previous.split("_")[1] == maker
+        assert httpx.get(f"{brokers[turn % 2].url}/v1/responses/{previous}", headers=headers).status_code == 200

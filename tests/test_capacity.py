@@ -14,8 +14,9 @@ from connector.session import Session, Status
 from connector.settings import Settings
 from connector.slots import SlotCounter
 from fakellm.server import serve
-from tests.servers import start_redis
-from tests.support import BrokerHandle, Stack, free_port, wait_until
+from tests import fleets
+from tests.fleets import free_slots, two_brokers
+from tests.support import BrokerHandle, Stack, wait_until
 from wire import BrokerConnection, End, Frame, Slots, Welcome
 
 CAP = 2
@@ -121,21 +122,12 @@ def test_a_request_cancelled_with_its_arrival_ends_and_gives_its_slot_back() -> 
     run(scenario)
 
 
-CONFIG = """
-connectors:
-  - name: box
-    token: tok-box
-    models: [m]
-    max_concurrent: 3
-"""
-
-
 def test_a_burst_through_one_broker_stays_within_the_cap_and_cancels_leak_no_slot(stack: Stack, tmp_path: Path) -> None:
     llm = stack.llm("m")
-    broker = stack.broker(CONFIG)
+    broker = stack.broker(fleets.CONFIG)
     stack.connector(broker.url, "tok-box", llm, "m")
     broker.wait_models("m")
-    wait_until(lambda: broker.health()["tunnels"][0]["free_slots"] == 3, what="the connector's first report")  # type: ignore[index]
+    wait_until(lambda: free_slots(broker) == [fleets.CAP], what="the connector's first report")
     headers = {"authorization": "Bearer sk-user"}
     url = broker.url + "/v1/chat/completions"
 
@@ -149,7 +141,7 @@ def test_a_burst_through_one_broker_stays_within_the_cap_and_cancels_leak_no_slo
         assert answer.status_code in (200, 429), answer.text
         if answer.status_code == 429:
             assert answer.json()["error"]["code"] == "capacity_exceeded" and answer.headers["retry-after"]
-    assert httpx.get(llm + "/_fake/state").json()["peak_streams"] <= 3
+    assert httpx.get(llm + "/_fake/state").json()["peak_streams"] <= fleets.CAP
 
     async def cut() -> None:
         body = {"model": "m", "stream": True, "messages": [], "fake": {"chunks": 1000, "delay_ms": 10}}
@@ -161,43 +153,22 @@ def test_a_burst_through_one_broker_stays_within_the_cap_and_cancels_leak_no_slo
                         break  # the first bytes, then gone
 
     asyncio.run(cut())
-    wait_until(lambda: broker.health()["tunnels"][0]["free_slots"] == 3, what="every slot back")  # type: ignore[index]
+    wait_until(lambda: free_slots(broker) == [fleets.CAP], what="every slot back")
     assert httpx.get(llm + "/_fake/state").json()["active_streams"] == 0
 
 
 # --- two brokers, one connector (its fleet holds a session with each) ----------------------
 
-TWO_BROKERS = """
-connectors:
-  - name: box
-    token: tok-box
-    models: [m]
-    max_concurrent: 3
-  - name: other
-    token: tok-other
-    models: [m]
-"""
 
-
-def two_brokers(stack: Stack, tmp_path: Path, config: str) -> list[BrokerHandle]:
-    redis = start_redis(stack, tmp_path)
-    brokers = []
-    for name in ("a", "b"):
-        port = free_port()
-        env = {"REMOTELLM_ADVERTISE_URL": f"http://127.0.0.1:{port}", "REMOTELLM_REDIS_URL": redis.url}
-        brokers.append(stack.broker(config, via="python", port=port, env=env, name=f"broker-{name}"))
-    return brokers
-
-
-def free_slots(broker: BrokerHandle) -> object:
-    return [t["free_slots"] for t in broker.health()["tunnels"]]  # type: ignore[attr-defined]
+def all_free(brokers: list[BrokerHandle]) -> bool:
+    return all(free_slots(broker) == [fleets.CAP] for broker in brokers)
 
 
 def test_a_burst_through_two_brokers_never_has_more_than_the_cap_at_the_llm(stack: Stack, tmp_path: Path) -> None:
-    brokers = two_brokers(stack, tmp_path, TWO_BROKERS)
+    brokers = two_brokers(stack, tmp_path)
     llm = stack.llm("m")
     stack.connector(brokers[0].url, "tok-box", llm, "m")  # it learns of broker b from a
-    wait_until(lambda: all(free_slots(b) == [3] for b in brokers), what="a session with each broker, 3 slots free")
+    wait_until(lambda: all_free(brokers), what="a session with each broker, every slot free")
     headers = {"authorization": "Bearer sk-user"}
 
     async def burst() -> list[httpx.Response]:
@@ -215,8 +186,8 @@ def test_a_burst_through_two_brokers_never_has_more_than_the_cap_at_the_llm(stac
         assert answer.status_code in (200, 429), answer.text
         if answer.status_code == 429:
             assert answer.json()["error"]["code"] == "capacity_exceeded" and answer.headers["retry-after"]
-    assert sum(a.status_code == 200 for a in answers) >= 3
-    assert httpx.get(llm + "/_fake/state").json()["peak_streams"] <= 3  # each broker alone would allow 3
+    assert sum(a.status_code == 200 for a in answers) >= fleets.CAP
+    assert httpx.get(llm + "/_fake/state").json()["peak_streams"] <= fleets.CAP  # each broker alone would allow it
 
     async def cut(url: str) -> None:
         body = {"model": "m", "stream": True, "messages": [], "fake": {"chunks": 1000, "delay_ms": 10}}
@@ -227,27 +198,5 @@ def test_a_burst_through_two_brokers_never_has_more_than_the_cap_at_the_llm(stac
 
     for i in range(6):
         asyncio.run(cut(brokers[i % 2].url + "/v1/chat/completions"))
-    wait_until(lambda: all(free_slots(b) == [3] for b in brokers), what="every slot back, as both brokers hear")
+    wait_until(lambda: all_free(brokers), what="every slot back, as both brokers hear")
     assert httpx.get(llm + "/_fake/state").json()["active_streams"] == 0
-
-
-def test_a_response_created_through_one_broker_is_continued_through_another_on_its_connector(
-    stack: Stack, tmp_path: Path
-) -> None:
-    brokers = two_brokers(stack, tmp_path, TWO_BROKERS)
-    for token, name in (("tok-box", "llm-a"), ("tok-other", "llm-b")):
-        stack.connector(brokers[0].url, token, stack.llm("m", name=name), "m", name=f"connector-{name}")
-    wait_until(lambda: all(len(free_slots(b)) == 2 for b in brokers), what="both connectors on both brokers")
-    headers = {"authorization": "Bearer sk-user"}
-    created = httpx.post(brokers[0].url + "/v1/responses", json={"model": "m", "input": "hi"}, headers=headers)
-    assert created.status_code == 200, created.text
-    previous = created.json()["id"]
-    maker = previous.split("_")[1]  # fakellm's ids name the LLM that made them: resp_<llm>_<n>
-    for turn in range(6):  # by chance, through the other connector, six times in a row: 1 in 64
-        broker = brokers[(turn + 1) % 2]
-        body = {"model": "m", "input": "again", "previous_response_id": previous}
-        answer = httpx.post(broker.url + "/v1/responses", json=body, headers=headers, timeout=10)
-        assert answer.status_code == 200, answer.text
-        previous = answer.json()["id"]
-        assert previous.split("_")[1] == maker
-        assert httpx.get(f"{brokers[turn % 2].url}/v1/responses/{previous}", headers=headers).status_code == 200
