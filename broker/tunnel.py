@@ -318,7 +318,7 @@ class Session:
 
     def receive(self, reader: Inbound, data: bytes) -> list[Drain | Slots]:
         """Frames from an uplink go to their exchanges; returns the Drains, and the Slots
-        reports of free room, for the caller. A broken request fails alone; raises
+        reports that give the connector more room, for the caller. A broken request fails alone; raises
         ProtocolError when the session is at fault."""
         self.touch()
         notices: list[Drain | Slots] = []
@@ -348,8 +348,10 @@ class Session:
         elif kind is Drain:
             notices.append(event)  # type: ignore[arg-type]
         elif kind is Slots:
+            before = self.max_concurrent - self.occupied
             self._report_free(event.free)  # type: ignore[union-attr]
-            notices.append(event)  # type: ignore[arg-type]
+            if self.max_concurrent - self.occupied > before:  # more room: worth waking the queue for
+                notices.append(event)  # type: ignore[arg-type]
 
     def _report_free(self, free: int) -> None:
         if self.spec.max_concurrent is not None:  # (no cap here: nothing to track)

@@ -200,7 +200,7 @@ async def _read_uplink(hub: Hub, session: Session, reader: Inbound, receive: Rec
             for notice in session.receive(reader, message.get("body", b"")):
                 if isinstance(notice, Drain):
                     hub.sessions.retire(session, notice.reason)
-                elif notice.free:  # room again on a connector: waiting requests look again
+                else:  # more room on a connector: waiting requests look again
                     hub.admission.freed()
             if not message.get("more_body", False):
                 reader.finish()

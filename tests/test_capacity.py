@@ -8,6 +8,8 @@ from pathlib import Path
 
 import httpx
 
+from broker.config import ConnectorSpec
+from broker.tunnel import Session as BrokerSession
 from connector.llm import LLMClient
 from connector.path import PathProfile
 from connector.session import Session, Status
@@ -17,7 +19,19 @@ from fakellm.server import serve
 from tests import fleets
 from tests.fleets import free_slots, two_brokers
 from tests.support import BrokerHandle, Stack, wait_until
-from wire import BrokerConnection, End, Frame, Slots, Welcome
+from wire import (
+    DEFAULT_LIMITS,
+    BrokerConnection,
+    Capacity,
+    ConnectorConnection,
+    Drain,
+    End,
+    Frame,
+    Hello,
+    Request,
+    Slots,
+    Welcome,
+)
 
 CAP = 2
 HANG = json.dumps({"model": "m", "stream": True, "messages": [], "fake": {"hang": True}}).encode()
@@ -200,3 +214,28 @@ def test_a_burst_through_two_brokers_never_has_more_than_the_cap_at_the_llm(stac
         asyncio.run(cut(brokers[i % 2].url + "/v1/chat/completions"))
     wait_until(lambda: all_free(brokers), what="every slot back, as both brokers hear")
     assert httpx.get(llm + "/_fake/state").json()["active_streams"] == 0
+
+
+def test_a_broker_counts_a_connector_full_from_its_reports_and_its_refusals() -> None:
+    spec = ConnectorSpec("box", b"\x00" * 32, None, None, CAP)
+    session = BrokerSession(spec, Hello("c.1", "1", ["m"]), DEFAULT_LIMITS)
+    connector = ConnectorConnection()
+    assert connector.inbound().feed(session.conn.data_to_send()) == [Capacity(CAP)]  # first of all
+    uplink = session.inbound()
+    assert uplink is not None
+
+    def report(free: int) -> list[Drain | Slots]:
+        connector.slots(free)
+        return session.receive(uplink, connector.data_to_send())
+
+    assert report(0) == [] and session.occupied == CAP  # full with another broker's requests
+    assert report(1) == [Slots(1)] and session.occupied == CAP - 1  # room: the queue looks again
+    exchange = session.open("POST", "/v1/chat/completions", "", [], b"{}")
+    assert session.occupied == CAP  # this broker's request, not yet in any report
+    [request] = connector.inbound().feed(session.conn.data_to_send())
+    assert isinstance(request, Request)
+    assert report(2) == [Slots(2)] and session.occupied == 1  # a report never hides this broker's own request
+    connector.end(request.id, "busy", "full")
+    session.receive(uplink, connector.data_to_send())
+    assert session.occupied == CAP  # refused: full, whatever the reports said, until the next one
+    assert exchange.events.get_nowait() == End(request.id, "busy", "full")
