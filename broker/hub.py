@@ -158,13 +158,6 @@ class Hub:
         if announce and self.notices is not None:
             self._spawn(self.notices.config_changed())
 
-    def revoke_token(self, token_digest: bytes) -> None:
-        """A connector token revoked outside the YAML (an enrolled connector removed): its
-        sessions end here now, and on every other broker through the notice."""
-        self.sessions.revoke_token(token_digest)
-        if self.notices is not None:
-            self._spawn(self.notices.revoked(token_digest))
-
     async def drain(self, timeout: float) -> None:
         await self.peers.leave()
         await self.sessions.drain(timeout)

@@ -51,7 +51,8 @@ class Notices:
         await self._publish(Notice(self._sender, "config"))
 
     async def revoked(self, token_digest: bytes) -> None:
-        """A connector token is revoked (an enrolled connector removed): every broker drops its sessions."""
+        """A connector token is revoked (an enrolled connector removed): every other broker drops
+        its sessions (``Sessions.revoke_token``; the caller drops this broker's own)."""
         await self._publish(Notice(self._sender, "revoked", token_digest.hex()))
 
     async def _publish(self, notice: Notice) -> None:
@@ -61,18 +62,27 @@ class Notices:
             log.warning("notice %r not published, redis unreachable: %s", notice.kind, type(exc).__name__)
 
     async def listen(self) -> None:
-        """Forever: subscribe, hand on each peer's notice, and subscribe again after a loss."""
+        """Forever: subscribe, hand on each peer's notice, and subscribe again after a loss
+        (one log line when the subscription is lost, one when it is back)."""
+        lost = False
         while True:
             # No socket timeout: a subscription is silent for as long as no broker reloads.
             client = aioredis.Redis.from_url(self._url, socket_connect_timeout=REDIS_TIMEOUT)
             try:
                 async with client.pubsub() as pubsub:
                     await pubsub.subscribe(self._channel)
+                    if lost:
+                        log.warning("notices from other brokers arrive again")
+                        lost = False
                     async for message in pubsub.listen():
                         if message.get("type") == "message":
                             self._handle(message["data"])
             except REDIS_UNREACHABLE as exc:
-                log.warning("notices from other brokers lost (%s); subscribing again", type(exc).__name__)
+                if not lost:
+                    log.warning(
+                        "notices from other brokers lost (%s): each broker's own watch goes on", type(exc).__name__
+                    )
+                lost = True
             finally:
                 with contextlib.suppress(*REDIS_UNREACHABLE):
                     await client.aclose()

@@ -4,6 +4,7 @@ refusal, its reports of free slots, and the broker routing by them."""
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -239,3 +240,8 @@ def test_a_broker_counts_a_connector_full_from_its_reports_and_its_refusals() ->
     session.receive(uplink, connector.data_to_send())
     assert session.occupied == CAP  # refused: full, whatever the reports said, until the next one
     assert exchange.events.get_nowait() == End(request.id, "busy", "full")
+    session.renew(replace(spec, max_concurrent=CAP + 1))  # a reload changed the cap
+    session.renew(replace(spec, max_concurrent=CAP + 1))  # (and one that did not)
+    session.renew(replace(spec, max_concurrent=None))
+    assert connector.inbound().feed(session.conn.data_to_send()) == [Capacity(CAP + 1), Capacity(0)]
+    assert session.free_slots is None and session.occupied == session.in_flight  # no cap: its own count alone

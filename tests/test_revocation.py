@@ -1,6 +1,7 @@
 """Revocation on every broker within 2 s: a shared connectors.yaml, Redis notices, a revoked token."""
 
 import asyncio
+import logging
 import os
 import time
 from pathlib import Path
@@ -117,3 +118,41 @@ def test_a_token_revoked_by_notice_loses_its_sessions_on_every_broker(stack: Sta
     asyncio.run(publish())
     dropped = "connector gone dropped: token revoked"
     wait_until(lambda: all(dropped in b.proc.log() for b in brokers), timeout=DEADLINE, what="every broker to drop")
+
+
+def test_notices_arrive_again_once_redis_is_back(
+    stack: Stack, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    redis = start_redis(stack, tmp_path)
+
+    async def heard_after_publishing(sender: Notices, heard: asyncio.Event) -> int:
+        """Publish until the listener hears one (it may not be subscribed yet); how many it took."""
+        for attempt in range(1, 101):
+            await sender.config_changed()
+            try:
+                await asyncio.wait_for(heard.wait(), 0.1)
+                return attempt
+            except TimeoutError:
+                pass
+        raise AssertionError("no notice heard after 100 tries")
+
+    async def scenario() -> None:
+        heard = asyncio.Event()
+        listener = Notices(redis.url, on_config=heard.set, on_revoked=lambda digest: None)
+        sender = Notices(redis.url, on_config=lambda: None, on_revoked=lambda digest: None)
+        listening = asyncio.create_task(listener.listen())
+        await heard_after_publishing(sender, heard)
+        redis.proc.kill()
+        start_redis(stack, tmp_path, port=redis.port)
+        heard.clear()
+        await heard_after_publishing(sender, heard)
+        listening.cancel()
+        await asyncio.gather(listening, return_exceptions=True)
+        for notices in (listener, sender):
+            await notices.aclose()
+
+    caplog.set_level(logging.WARNING, logger="remotellm.notices")
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+    lost = [r.message for r in caplog.records if "lost" in r.message]
+    assert len(lost) == 1, lost  # once per outage, not once per attempt
+    assert any("arrive again" in r.message for r in caplog.records)
