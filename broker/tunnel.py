@@ -318,8 +318,8 @@ class Session:
 
     def receive(self, reader: Inbound, data: bytes) -> list[Drain | Slots]:
         """Frames from an uplink go to their exchanges; returns the Drains, and the Slots
-        reports that give the connector more room, for the caller. A broken request fails alone; raises
-        ProtocolError when the session is at fault."""
+        reports that give the connector more room, for the caller. A broken request fails
+        alone; raises ProtocolError when the session is at fault."""
         self.touch()
         notices: list[Drain | Slots] = []
         owed = self.conn.ack_owed
