@@ -20,7 +20,8 @@ pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
 events {{ worker_connections 1024; }}
 http {{
-    access_log {dir}/access.log;
+    log_format balanced '$msec $request $status upstreams=$upstream_addr statuses=$upstream_status';
+    access_log {dir}/access.log balanced;
     client_body_temp_path {dir}/body;
     proxy_temp_path {dir}/proxy;
     fastcgi_temp_path {dir}/fastcgi;
@@ -46,9 +47,12 @@ def readme_block(title: str, language: str) -> str:
 def balancer_site(upstreams: list[str], port: int) -> str:
     """The README's nginx block with these upstreams ("127.0.0.1:PORT") and a cleartext listener."""
     site = readme_block("Several brokers", "nginx")
-    servers = re.findall(r"^\s*server \S+:\d+;\n", site, re.M)
+    servers = re.findall(r"^\s*server \S+:\d+( .*)?;\n", site, re.M)
     assert servers, "the README's upstream lists no server"
-    site = site.replace("".join(servers), "".join(f"    server {u};\n" for u in upstreams))
+    options = servers[0]
+    block = re.search(r"(?:^\s*server \S+:\d+.*;\n)+", site, re.M)
+    assert block is not None
+    site = site.replace(block.group(0), "".join(f"    server {u}{options};\n" for u in upstreams))
     site = re.sub(r"listen 443 ssl;", f"listen 127.0.0.1:{port};", site)
     return re.sub(r"^\s*(ssl_certificate\S*|server_name) .*\n", "", site, flags=re.M)
 
