@@ -22,8 +22,8 @@ from bench.scenarios import SCENARIOS, Bench, Plan, log
 from bench.workers import Pool, WorkerError
 
 HERE = Path(__file__).resolve().parent
-_ORDER = (1, 2, 3, 5, 6, 4)
-_OWN_STACKS = (6, 4)  # run on stacks of their own: after the shared stack is gone
+_ORDER = (1, 2, 3, 5, 6, 7, 4)
+_OWN_STACKS = (6, 7, 4)  # run on stacks of their own: after the shared stack is gone
 _FDS = 16384  # 1,000 streams need ~2,000 descriptors in the fake LLM alone
 
 

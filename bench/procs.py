@@ -144,6 +144,7 @@ class Stack:
     src: Path
     logs: Path
     config: str = _CONFIG  # connectors.yaml
+    broker_workers: int = 1  # python -m broker --workers (one port, that many broker processes)
     procs: dict[str, Proc] = field(default_factory=dict)
     llm_port: int = 0
     broker_port: int = 0
@@ -189,6 +190,8 @@ class Stack:
                 USER_KEY,
                 "--connector-config",
                 str(config),
+                "--workers",
+                str(self.broker_workers),
             ],
             self.src,
             self.logs,
@@ -215,11 +218,20 @@ class Stack:
 
         def serving() -> bool:
             broker.check()
-            health = _health(self.broker_port) or {}
-            models = health.get("models")
-            return isinstance(models, list) and MODEL in models
+            return len(self._serving_workers()) == self.broker_workers
 
         _wait("connector (via broker /health)", connector, serving)
+
+    def _serving_workers(self) -> set[object]:
+        """The broker processes seen routing MODEL, over a few new connections (the kernel
+        puts each on any worker)."""
+        seen = set()
+        for _ in range(4 * self.broker_workers):
+            health = _health(self.broker_port) or {}
+            models = health.get("models")
+            if isinstance(models, list) and MODEL in models:
+                seen.add(health.get("broker"))
+        return seen
 
     @property
     def database(self) -> Path:
@@ -239,8 +251,9 @@ class Stack:
                 raise
         return dict(rows)
 
-    def pids(self) -> dict[str, int]:
-        return {name: p.pid for name, p in self.procs.items()}
+    def pids(self) -> dict[str, list[int]]:
+        """Each process's pid, with its children's (the workers of a broker with --workers)."""
+        return {name: [p.pid, *_children(p.pid)] for name, p in self.procs.items()}
 
     def check(self) -> None:
         for proc in self.procs.values():
@@ -250,6 +263,14 @@ class Stack:
         for name in ("connector", "broker", "fakellm"):
             if name in self.procs:
                 self.procs.pop(name).stop()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(child) for child in f.read().split()]
+    except OSError:
+        return []
 
 
 def _system_busy() -> tuple[float, float]:

@@ -161,7 +161,7 @@ class Runner:
         return Job(HOST, port, request, connections, mode, **kw)
 
     def measure(self, label: str, arm: Arm, job: Job, *, rss: bool = False, record: bool = True) -> Summary:
-        procs = {name: [pid] for name, pid in self.stack.pids().items()}
+        procs = self.stack.pids()
         procs["client"] = self.bench.pool.pids
         procs["bench"] = [os.getpid()]
         probe = Probe(procs, rss=rss)
@@ -285,19 +285,32 @@ def stream(bench: Bench) -> None:
         r.bad_row(runs, label)
 
 
+_PACED_CHUNKS, _PACED_DELAY_MS, _PACED_STREAMS = 50, 20.0, 256
+_PACED_LABEL = "256 x 50 @20ms"
+
+
+def _paced_jobs(r: Runner) -> tuple[Callable[[Arm], Job], Callable[[Arm], Job]]:
+    """Scenario 3's load: the measured job and its warm-up."""
+    chunks, n = _PACED_CHUNKS, _PACED_STREAMS
+    ideal_s = (_events(chunks) - 1) * _PACED_DELAY_MS / 1000
+
+    def make(arm: Arm) -> Job:
+        body = _stream(chunks, _PACED_DELAY_MS)
+        return r.job(arm, body, n, "once", timeout=ideal_s + _GRACE, expect_events=_events(chunks))
+
+    def warm(arm: Arm) -> Job:
+        return r.job(arm, _stream(2), n, "once", timeout=_GRACE)
+
+    return make, warm
+
+
 def paced(bench: Bench) -> None:
     """3: 256 concurrent streams of 50 chunks 20 ms apart, like real decoding."""
     r = Runner(bench, bench.shared_stack(), "3 paced")
-    chunks, delay, n = 50, 20.0, 256
-    ideal_s = (_events(chunks) - 1) * delay / 1000
-
-    def make(via: Arm) -> Job:
-        return r.job(via, _stream(chunks, delay), n, "once", timeout=ideal_s + _GRACE, expect_events=_events(chunks))
-
-    def warm(via: Arm) -> Job:
-        return r.job(via, _stream(2), n, "once", timeout=_GRACE)
-
-    runs = r.interleave("256 x 50 @20ms", make, bench.plan.paced_reps, warm=warm)
+    n = _PACED_STREAMS
+    ideal_s = (_events(_PACED_CHUNKS) - 1) * _PACED_DELAY_MS / 1000
+    make, warm = _paced_jobs(r)
+    runs = r.interleave(_PACED_LABEL, make, bench.plan.paced_reps, warm=warm)
     r.row(runs, "first chunk p50 (ms)", "ttfc_p50_ms", delta=True)
     r.row(runs, "first chunk p99 (ms)", "ttfc_p99_ms", delta=True)
     r.row(runs, f"stream duration p50 (ms; ideal {ideal_s * 1000:.0f})", "lat_p50_ms", delta=True)
@@ -378,6 +391,41 @@ def cpu(bench: Bench) -> None:
         r.bad_row(runs, label)
 
 
+def broker_processes(bench: Bench) -> None:
+    """7: scenario 3's paced streams THROUGH one broker process and two (--workers 2).
+
+    Each arm is a stack of its own (both up at once, runs interleaved); the connector holds
+    a session to each worker, and the kernel spreads the users' connections over them.
+    """
+    counts = (1, 2)
+    stacks = {
+        f"{n} broker process(es)": Stack(bench.src, bench.logs / f"workers-{n}", broker_workers=n) for n in counts
+    }
+    try:
+        runners: dict[Arm, Runner] = {}
+        for arm, stack in stacks.items():
+            runners[arm] = Runner(bench, stack.start(), "7 brokers", {arm: ("THROUGH", USER_KEY)})
+        jobs = {arm: _paced_jobs(r) for arm, r in runners.items()}
+        for arm, (_, warm) in jobs.items():
+            runners[arm].measure(_PACED_LABEL, arm, warm(arm), record=False)
+        runs: Runs = {arm: [] for arm in runners}
+        arms = tuple(runners)
+        for rep in range(bench.plan.paced_reps):
+            for arm in arms if rep % 2 == 0 else arms[::-1]:
+                runs[arm].append(runners[arm].measure(_PACED_LABEL, arm, jobs[arm][0](arm)))
+        for metric, key in (
+            ("chunks/s", "events_per_s"),
+            ("first chunk p50 (ms)", "ttfc_p50_ms"),
+            ("first chunk p99 (ms)", "ttfc_p99_ms"),
+            (f"streams complete (of {_PACED_STREAMS})", "completed"),
+        ):
+            for arm in arms:
+                bench.rows.append(Row("7 brokers", f"{metric}: {arm}", None, _median(runs[arm], key)))
+    finally:
+        for stack in stacks.values():
+            stack.stop()
+
+
 # Scenario 6's arms, both THROUGH: the unnamed key (no limits) and the named user whose
 # limits are all set; each with its key and the user its usage is recorded under.
 _USERS: dict[Arm, tuple[str, str | None]] = {
@@ -446,4 +494,5 @@ SCENARIOS: dict[int, Callable[[Bench], None]] = {
     4: idle_streams,
     5: cpu,
     6: accounting,
+    7: broker_processes,
 }

@@ -63,10 +63,11 @@ class Fleet:
     stopping: bool = False
 
     async def run(self) -> None:
-        """Keep the fleet right until drained."""
+        """Keep the fleet right until cancelled (after drain(): draining, it changes nothing)."""
         self._scout()
-        while not self.stopping:
-            self._reconcile(time.monotonic())
+        while True:
+            if not self.stopping:
+                self._reconcile(time.monotonic())
             self._changed.clear()
             try:
                 async with asyncio.timeout(TICK):

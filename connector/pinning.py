@@ -29,9 +29,16 @@ def check_pinned(response: httpx.Response) -> None:
         raise Misdirected(f"{response.request.url.path} reached another broker")
 
 
-async def probe_uplink(client: httpx.AsyncClient, base_url: str, headers: dict[str, str]) -> None:
+async def probe_uplink(client: httpx.AsyncClient, base_url: str, headers: dict[str, str]) -> bool:
     """An empty uplink body on ``client``'s connection: raises Misdirected when that connection
-    is to another broker. A streaming upload cannot learn it itself: its answer is read only
-    once its body ends, and an uplink's body runs for as long as the session."""
-    if BROKER_HEADER in headers:
-        check_pinned(await client.post(base_url + REPLY_PATH, content=b"", headers=headers))
+    is to another broker; False when nothing is pinned (nothing to probe).
+
+    A streaming upload cannot learn it itself over HTTP/2: its answer is read only once its
+    body ends, and an uplink's body runs for as long as the session. Behind a balancer that
+    picks per request the probe proves nothing (the upload's own 421 arrives at once there,
+    as the balancer ends the exchange): the session stops probing once it sees that.
+    """
+    if BROKER_HEADER not in headers:
+        return False
+    check_pinned(await client.post(base_url + REPLY_PATH, content=b"", headers=headers))
+    return True

@@ -135,7 +135,8 @@ class Session:
             for task in (heartbeat, uplink, polling):
                 if task.done():
                     task.result()  # raises what ended it
-            polling.result()  # drained
+            if polling.done():
+                polling.result()  # drained (else the uplink closed: finish() ended the session)
         finally:
             polling.cancel()
             heartbeat.cancel()
@@ -325,43 +326,51 @@ class Session:
         sending again what the broker has not acknowledged."""
         url = self.settings.broker_url + REPLY_PATH
         misses = 0
-        while not self.closing:
+        probing = True  # until the balancer turns out to pick per request, not per connection
+        # Closing, what is not acknowledged still goes out (a Drain above all), within finish()'s grace.
+        while not self.closing or self.conn.wants_write:
             self._restart_uplink.clear()
-            async with make_client(self.settings, http2=self.path.http2, read_timeout=None) as client:
-                try:
-                    await probe_uplink(client, self.settings.broker_url, self.headers)
-                except Misdirected:  # another broker: a new connection, at once a few times
-                    misses += 1
-                    if misses % MISDIRECT_ATTEMPTS == 0:
-                        await asyncio.sleep(RETRY_DELAY)
-                    continue
-                except (httpx.HTTPError, OSError) as exc:
-                    self._trouble("uplink", exc)
-                    await asyncio.sleep(RETRY_DELAY)
-                    continue
-                attempt = asyncio.ensure_future(upload(client, url, self.headers, self, batching=self.path.buffering))
-                restart = asyncio.ensure_future(self._restart_uplink.wait())
-                try:
-                    await asyncio.wait((attempt, restart), return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    restart.cancel()
-                    if not attempt.done():  # restarted on purpose (or the session ends)
-                        attempt.cancel()
-                        await asyncio.gather(attempt, return_exceptions=True)
-                if attempt.done() and not attempt.cancelled():
-                    try:
-                        attempt.result()
+            probed = False
+            try:
+                async with make_client(self.settings, http2=self.path.http2, read_timeout=None) as client:
+                    probed = probing and await probe_uplink(client, self.settings.broker_url, self.headers)
+                    if await self._upload_once(client, url):
                         return  # closed on purpose, everything sent
-                    except UplinkError as exc:
-                        if exc.status == 401:
-                            raise SessionLost("the broker no longer knows this session") from exc
-                        if exc.status != MISDIRECTED:
-                            raise
-                        self._trouble("uplink", exc)  # a balancer that picks per request
-                    except (httpx.HTTPError, OSError) as exc:
-                        self._trouble("uplink", exc)
+            except Misdirected as exc:  # another broker: a new connection, at once a few times
+                probing = probing and not probed  # the probe's connection did not hold: per request
+                misses += 1
+                if misses % MISDIRECT_ATTEMPTS:
+                    self.conn.rewind()
+                    continue
+                self._trouble("uplink", exc)
+            except (httpx.HTTPError, OSError) as exc:
+                self._trouble("uplink", exc)
             self.conn.rewind()
             await asyncio.sleep(RETRY_DELAY)
+
+    async def _upload_once(self, client: httpx.AsyncClient, url: str) -> bool:
+        """One uplink until it ends (True: closed on purpose, all sent) or is restarted on
+        purpose (False); raises what broke it."""
+        attempt = asyncio.ensure_future(upload(client, url, self.headers, self, batching=self.path.buffering))
+        restart = asyncio.ensure_future(self._restart_uplink.wait())
+        try:
+            await asyncio.wait((attempt, restart), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            restart.cancel()
+            if not attempt.done():  # restarted on purpose (or the session ends)
+                attempt.cancel()
+                await asyncio.gather(attempt, return_exceptions=True)
+        if attempt.cancelled():
+            return False
+        try:
+            attempt.result()
+        except UplinkError as exc:
+            if exc.status == 401:
+                raise SessionLost("the broker no longer knows this session") from exc
+            if exc.status == MISDIRECTED:  # a balancer that picks per request
+                raise Misdirected("an uplink reached another broker") from exc
+            raise
+        return True
 
     async def next_write(self) -> bytes | None:
         """The next write for the uplink: frames as soon as there are any, an

@@ -9,25 +9,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.proxies import NGINX_HINT, Proxy, require_binary
+from tests.proxies import NGINX_HINT, NGINX_MAIN, Proxy, require_binary
 from tests.support import ROOT, Stack, free_port
 
-MAIN = """\
-daemon off;
-worker_processes 1;
-user root;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log {dir}/access.log;
-    client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-{site}
-}}
+# The access log names the brokers each request went to (and what each answered).
+LOG = """\
+    log_format balanced '$msec $request $status upstreams=$upstream_addr statuses=$upstream_status';
+    access_log {dir}/access.log balanced;
 """
 
 
@@ -46,9 +34,9 @@ def readme_block(title: str, language: str) -> str:
 def balancer_site(upstreams: list[str], port: int) -> str:
     """The README's nginx block with these upstreams ("127.0.0.1:PORT") and a cleartext listener."""
     site = readme_block("Several brokers", "nginx")
-    servers = re.findall(r"^\s*server \S+:\d+;\n", site, re.M)
-    assert servers, "the README's upstream lists no server"
-    site = site.replace("".join(servers), "".join(f"    server {u};\n" for u in upstreams))
+    block = re.search(r"(?:^ *server \S+:\d+(.*);\n)+", site, re.M)
+    assert block is not None, "the README's upstream lists no server"
+    site = site.replace(block.group(0), "".join(f"    server {u}{block.group(1)};\n" for u in upstreams))
     site = re.sub(r"listen 443 ssl;", f"listen 127.0.0.1:{port};", site)
     return re.sub(r"^\s*(ssl_certificate\S*|server_name) .*\n", "", site, flags=re.M)
 
@@ -67,7 +55,8 @@ def start_balancer(stack: Stack, workdir: Path, upstreams: list[str]) -> Balance
     binary = require_binary("nginx", NGINX_HINT)
     port = free_port()
     conf = workdir / "nginx.conf"
-    conf.write_text(MAIN.format(dir=workdir, site=balancer_site(upstreams, port)))
+    http = LOG.format(dir=workdir) + balancer_site(upstreams, port)
+    conf.write_text(NGINX_MAIN.format(dir=workdir, http=http))
     proc = stack.spawn("nginx-balancer", [binary, "-c", str(conf), "-p", str(workdir)])
     proxy = Proxy("nginx", port, proc, workdir, workdir / "access.log")
     proxy.wait_started()

@@ -199,20 +199,25 @@ def start_tinyproxy(stack: Stack, workdir: Path, *, timeout: int = 600, auth: tu
 # nginx as a reverse proxy in front of the broker, with its defaults for request bodies:
 # it holds each upload until it is complete (proxy_request_buffering), while responses
 # stream (proxy_buffering off) — the shape that starves a streaming upload, nothing else.
-NGINX_CONF = """\
+# nginx's main block, every file in its own directory ({dir}); {http}: the rest of the http block.
+NGINX_MAIN = """\
 daemon off;
 worker_processes 1;
 user root;
 pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
-events {{ worker_connections 256; }}
+events {{ worker_connections 1024; }}
 http {{
-    access_log {dir}/access.log;
     client_body_temp_path {dir}/body;
     proxy_temp_path {dir}/proxy;
     fastcgi_temp_path {dir}/fastcgi;
     uwsgi_temp_path {dir}/uwsgi;
     scgi_temp_path {dir}/scgi;
+{http}
+}}
+"""
+NGINX_CONF = """\
+    access_log {dir}/access.log;
     client_max_body_size 20m;
     server {{
         listen 127.0.0.1:{port};
@@ -224,7 +229,6 @@ http {{
             proxy_read_timeout 1h;
         }}
     }}
-}}
 """
 NGINX_HINT = "apt-get install nginx"
 
@@ -234,7 +238,8 @@ def start_nginx(stack: Stack, workdir: Path, *, upstream: str) -> Proxy:
     binary = require_binary("nginx", NGINX_HINT)
     port = free_port()
     conf = workdir / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(port=port, dir=workdir, upstream=upstream))
+    http = NGINX_CONF.format(port=port, dir=workdir, upstream=upstream)
+    conf.write_text(NGINX_MAIN.format(dir=workdir, http=http))
     proc = stack.spawn("nginx", [binary, "-c", str(conf), "-p", str(workdir)])
     proxy = Proxy("nginx", port, proc, workdir, workdir / "access.log")
     proxy.wait_started()

