@@ -12,7 +12,7 @@ import pytest
 from broker.keys import digest_of
 from broker.notices import Notices
 from tests.servers import start_redis
-from tests.support import BrokerHandle, Stack, wait_until
+from tests.support import BrokerHandle, Stack, free_port, wait_until
 
 BEFORE = """
 user_api_keys: [sk-kept, sk-gone]
@@ -22,6 +22,7 @@ connectors:
     models: [m]
   - name: kept
     token: tok-kept
+    models: [k]
 """
 # The same length as BEFORE, so that a file rewritten in place can keep its stamp (see below).
 AFTER = BEFORE.replace("sk-gone", "sk-xxxx").replace("tok-gone", "tok-xxxx")
@@ -33,8 +34,12 @@ def key_status(broker: BrokerHandle, key: str) -> int:
     return httpx.get(broker.url + "/v1/models", headers={"authorization": f"Bearer {key}"}, timeout=5).status_code
 
 
+def tunnels(broker: BrokerHandle) -> list[str]:
+    return sorted(tunnel["name"] for tunnel in broker.health()["tunnels"])  # type: ignore[attr-defined]
+
+
 def revoked(broker: BrokerHandle) -> bool:
-    return key_status(broker, "sk-gone") == 401 and broker.health()["connectors"] == 0
+    return key_status(broker, "sk-gone") == 401 and tunnels(broker) == ["kept"]
 
 
 def revocation_delays(brokers: list[BrokerHandle], since: float, polls: int = 40) -> list[float]:
@@ -55,19 +60,23 @@ def revocation_delays(brokers: list[BrokerHandle], since: float, polls: int = 40
 def start(
     stack: Stack, tmp_path: Path, count: int, *, shared: bool, redis: bool = True
 ) -> tuple[list[BrokerHandle], list[Path], str]:
-    """``count`` brokers (sharing one Redis), each with a session of tok-gone; their YAML files."""
+    """``count`` brokers that know each other (through Redis, or as static peers) and two
+    connectors, each holding a session with every broker: tok-gone's and tok-kept's."""
     redis_url = start_redis(stack, tmp_path).url if redis else ""
-    llm = stack.llm("m")
+    ports = [free_port() for _ in range(count)]
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
     brokers, files = [], []
-    for n in range(count):
+    for n, port in enumerate(ports):
         path = tmp_path / ("connectors.yaml" if shared else f"connectors-{n}.yaml")
         path.write_text(BEFORE)
-        env = {"REMOTELLM_REDIS_URL": redis_url, "REMOTELLM_CONNECTOR_CONFIG": str(path)}
-        broker = stack.broker(None, user_keys=(), env=env, via="module", name=f"broker-{n}")
-        stack.connector(broker.url, "tok-gone", llm, "m", name=f"connector-{n}")
-        broker.wait_models("m", connectors=1)
-        brokers.append(broker)
+        env = {"REMOTELLM_CONNECTOR_CONFIG": str(path), "REMOTELLM_ADVERTISE_URL": urls[n]}
+        env |= {"REMOTELLM_REDIS_URL": redis_url} if redis else {"REMOTELLM_PEERS": ",".join(urls[:n] + urls[n + 1 :])}
+        brokers.append(stack.broker(None, user_keys=(), env=env, via="module", port=port, name=f"broker-{n}"))
         files.append(path)
+    llm = stack.llm("m", "k")
+    stack.connector(brokers[0].url, "tok-gone", llm, "m", name="connector-gone")
+    stack.connector(brokers[-1].url, "tok-kept", llm, "k", name="connector-kept")
+    wait_until(lambda: all(tunnels(b) == ["gone", "kept"] for b in brokers), what="both connectors on every broker")
     assert all(key_status(b, "sk-gone") == 200 for b in brokers)
     return brokers, files, redis_url
 
