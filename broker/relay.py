@@ -281,10 +281,12 @@ class Relay:
         if _busy(failure.event):
             if target.object_id is not None:
                 return None  # only its creator can answer, and it is full
-            # Full with other brokers' requests: the connector (now known full here) is skipped,
-            # and when every one is full the request waits the short queue like any other.
+            # Full with other brokers' requests: a connector capped here is now known full and
+            # skipped until it reports room (the request waits the short queue when every one
+            # is full); one that is not (another broker's cap) is not asked again.
+            refused = session if session.free_slots is None else None
             try:
-                return await self._pick(target, out)
+                return await self.hub.route(out.model, lambda other: other is not refused and target.accepts(other))
             except RouteError:
                 return None
         if attempt == 1 and _retryable(failure.event) and target.object_id is None:

@@ -11,23 +11,21 @@ CONFIG = """
 connectors:
   - name: box
     token: tok-box
-    models: [m]
     max_concurrent: 3
   - name: other
     token: tok-other
-    models: [m]
 """
 CAP = 3
 
 
-def two_brokers(stack: Stack, workdir: Path) -> list[BrokerHandle]:
+def two_brokers(stack: Stack, workdir: Path, configs: tuple[str, str] = (CONFIG, CONFIG)) -> list[BrokerHandle]:
     """Brokers a and b, each advertising its own URL (a connector given one learns the other)."""
     redis = start_redis(stack, workdir)
     brokers = []
-    for name in ("a", "b"):
+    for name, config in zip("ab", configs, strict=True):
         port = free_port()
         env = {"REMOTELLM_ADVERTISE_URL": f"http://127.0.0.1:{port}", "REMOTELLM_REDIS_URL": redis.url}
-        brokers.append(stack.broker(CONFIG, via="python", port=port, env=env, name=f"broker-{name}"))
+        brokers.append(stack.broker(config, via="python", port=port, env=env, name=f"broker-{name}"))
     return brokers
 
 

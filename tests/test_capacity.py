@@ -245,3 +245,27 @@ def test_a_broker_counts_a_connector_full_from_its_reports_and_its_refusals() ->
     session.renew(replace(spec, max_concurrent=None))
     assert connector.inbound().feed(session.conn.data_to_send()) == [Capacity(CAP + 1), Capacity(0)]
     assert session.free_slots is None and session.occupied == session.in_flight  # no cap: its own count alone
+
+
+def test_a_busy_refusal_goes_on_to_another_connector_or_ends_in_a_clean_429(stack: Stack, tmp_path: Path) -> None:
+    """Broker b has no cap for box, broker a has 1 (the connector holds the smallest): b learns
+    that box is full only from its refusal, and must take the request elsewhere."""
+    uncapped = fleets.CONFIG.replace("    max_concurrent: 3\n", "")
+    a, b = two_brokers(stack, tmp_path, (fleets.CONFIG.replace("max_concurrent: 3", "max_concurrent: 1"), uncapped))
+    box_llm, other_llm = stack.llm("m", "solo", name="llm-box"), stack.llm("m", name="llm-other")
+    stack.connector(a.url, "tok-box", box_llm, "m", "solo", name="connector-box")
+    stack.connector(a.url, "tok-other", other_llm, "m", name="connector-other")
+    wait_until(lambda: all(len(free_slots(broker)) == 2 for broker in (a, b)), what="both connectors on both brokers")
+    headers = {"authorization": "Bearer sk-user"}
+    hold = {"model": "solo", "stream": True, "messages": [], "fake": {"chunks": 1000, "delay_ms": 50}}
+    with httpx.stream("POST", a.url + "/v1/chat/completions", json=hold, headers=headers, timeout=30):
+        wait_until(lambda: httpx.get(box_llm + "/_fake/state").json()["active_streams"] == 1, what="box full")
+        for _ in range(4):  # b picks box or other in turn: box refuses, other answers
+            answer = httpx.post(b.url + "/v1/chat/completions", json={"model": "m", "messages": []}, headers=headers)
+            assert answer.status_code == 200, answer.text
+        assert "retrying on other" in b.proc.log()
+        only_box = httpx.post(b.url + "/v1/chat/completions", json={"model": "solo", "messages": []}, headers=headers)
+        assert only_box.status_code == 429 and only_box.headers["retry-after"] == "1"
+        assert only_box.json()["error"]["code"] == "capacity_exceeded"
+        assert "retrying on box" not in b.proc.log()  # a connector that refused is not asked again
+        assert httpx.get(box_llm + "/_fake/state").json()["peak_streams"] == 1
