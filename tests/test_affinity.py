@@ -27,9 +27,22 @@ def run(scenario: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(asyncio.wait_for(scenario(), 60))  # type: ignore[arg-type]
 
 
-def test_an_id_remembered_by_one_broker_is_found_by_another(redis: RedisServer) -> None:
-    async def scenario() -> None:
+def with_two_brokers(redis: RedisServer, scenario: Callable[[RedisAffinity, RedisAffinity], Awaitable[None]]) -> None:
+    """Runs ``scenario`` with the affinities of two brokers sharing one redis-server."""
+
+    async def brokers() -> None:
         a, b = RedisAffinity(redis_client(redis.url), TTL), RedisAffinity(redis_client(redis.url), TTL)
+        try:
+            await scenario(a, b)
+        finally:
+            for affinity in (a, b):
+                await affinity.aclose()
+
+    run(brokers)
+
+
+def test_an_id_remembered_by_one_broker_is_found_by_another(redis: RedisServer) -> None:
+    async def scenario(a: RedisAffinity, b: RedisAffinity) -> None:
         await a.remember("resp_1", "connector-x")
         assert await b.connector_of("resp_1") == "connector-x"
         assert await b.connector_of("resp_unknown") is None
@@ -37,15 +50,12 @@ def test_an_id_remembered_by_one_broker_is_found_by_another(redis: RedisServer) 
         assert await raw.keys("*") == [f"{KEY_PREFIX}resp_1".encode()]  # namespaced
         assert TTL - 5 <= await raw.ttl(f"{KEY_PREFIX}resp_1") <= TTL  # bounded by response_ttl
         await raw.aclose()
-        for affinity in (a, b):
-            await affinity.aclose()
 
-    run(scenario)
+    with_two_brokers(redis, scenario)
 
 
 def test_a_lookup_is_one_round_trip_and_none_for_ids_this_broker_made(redis: RedisServer) -> None:
-    async def scenario() -> None:
-        a, b = RedisAffinity(redis_client(redis.url), TTL), RedisAffinity(redis_client(redis.url), TTL)
+    async def scenario(a: RedisAffinity, b: RedisAffinity) -> None:
         await a.remember("resp_1", "connector-x")
         monitor = aioredis.Redis.from_url(redis.url)
 
@@ -58,23 +68,18 @@ def test_a_lookup_is_one_round_trip_and_none_for_ids_this_broker_made(redis: Red
         assert await b.connector_of("resp_1") == "connector-x"
         assert await commands() - before == 1  # b's GET
         await monitor.aclose()
-        for affinity in (a, b):
-            await affinity.aclose()
 
-    run(scenario)
+    with_two_brokers(redis, scenario)
 
 
 def test_a_huge_connector_id_stays_out_of_redis(redis: RedisServer) -> None:
-    async def scenario() -> None:
-        a, b = RedisAffinity(redis_client(redis.url), TTL), RedisAffinity(redis_client(redis.url), TTL)
+    async def scenario(a: RedisAffinity, b: RedisAffinity) -> None:
         hostile = "x" * (MAX_SHARED_CONNECTOR_ID + 1)
         await a.remember("resp_1", hostile)
         assert await a.connector_of("resp_1") == hostile  # this broker still routes it
         assert await b.connector_of("resp_1") is None
-        for affinity in (a, b):
-            await affinity.aclose()
 
-    run(scenario)
+    with_two_brokers(redis, scenario)
 
 
 def test_redis_unreachable_leaves_each_broker_its_own_ids(caplog: pytest.LogCaptureFixture) -> None:
