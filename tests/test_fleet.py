@@ -6,9 +6,12 @@ config), brokers and connectors; the heavy ones are marked slow.
 
 import asyncio
 import contextlib
+import os
 import shutil
+import signal
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -203,6 +206,11 @@ def test_workers_share_one_port_and_each_holds_a_session(stack: Stack) -> None:
         return len(seen) == 2 and set(seen.values()) == {1}
 
     wait_until(workers_ready, timeout=20, what="both workers to hold a session")
+    children = _children(broker.proc.pid)
+    assert len(children) == 2
+    os.kill(children[0], signal.SIGKILL)  # the parent starts it again, with its slot's id
+    wait_until(lambda: children[0] not in _children(broker.proc.pid), timeout=10, what="the worker to go")
+    wait_until(workers_ready, timeout=20, what="both workers to hold a session again")
     served: set[str] = set()
     for _ in range(20):
         with httpx.Client(timeout=30) as client:
@@ -211,6 +219,16 @@ def test_workers_share_one_port_and_each_holds_a_session(stack: Stack) -> None:
             assert response.status_code == 200, response.text
             served.add(health["broker"])
     assert len(served) == 2
+    workers = _children(broker.proc.pid)
+    os.kill(broker.proc.pid, signal.SIGTERM)  # the parent alone: it passes the signal on
+    assert broker.proc.popen.wait(40) == 0  # each worker drained, then the parent left
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+
+def _children(pid: int) -> list[int]:
+    with contextlib.suppress(OSError):
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return []
 
 
 @pytest.mark.slow
@@ -251,6 +269,7 @@ async def _stream(url: str, first_chunk: asyncio.Event | None, **fake: object) -
 def test_kill_one_of_three_brokers(stack: Stack) -> None:
     with fleet_of_three(stack) as (brokers, balancer, _):
         victim, survivors = brokers[0], brokers[1:]
+        sessions_before = [_sessions_of(b) for b in survivors]
 
         async def scenario() -> tuple[list[str], list[str], float]:
             started = [asyncio.Event() for _ in range(KILL_STREAMS)]
@@ -271,7 +290,13 @@ def test_kill_one_of_three_brokers(stack: Stack) -> None:
         assert len(ends) == KILL_STREAMS and "ok" not in ends, ends
         assert kept == ["ok"] * len(kept), kept
         assert recovered <= 2.0, recovered
-        assert all(sessions(b) == 2 for b in survivors)
+        assert [_sessions_of(b) for b in survivors] == sessions_before  # the very same sessions
+
+
+def _sessions_of(broker: BrokerHandle) -> list[tuple[str, str]]:
+    """Each connector's session at ``broker``: its name and when it registered."""
+    tunnels: list[dict[str, str]] = broker.health()["tunnels"]  # type: ignore[assignment]
+    return sorted((t["name"], t["connected_since"]) for t in tunnels)
 
 
 @pytest.mark.slow
