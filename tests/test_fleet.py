@@ -9,6 +9,8 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -377,3 +379,14 @@ def test_the_readme_commands_use_real_flags() -> None:
     for line in brokers:
         args = parse_cli(line.replace("&", "").split())
         assert args.advertise_url and args.redis_url and args.port
+
+
+@pytest.mark.slow
+def test_workers_that_cannot_start_make_the_parent_give_up(stack: Stack) -> None:
+    with socket.socket() as taken:  # the port is someone else's (no SO_REUSEPORT)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        parent = stack.spawn("broker", [sys.executable, "-m", "broker", "--port", str(port), "--workers", "2"])
+        assert parent.popen.wait(60) == 1, parent.log()
+    assert "giving up" in parent.log()
