@@ -1,8 +1,9 @@
-"""The six scenarios of the overhead benchmark, each comparing two arms, interleaved.
+"""The seven scenarios of the overhead benchmark, each comparing two arms, interleaved.
 
 DIRECT is client -> fake LLM; THROUGH is client -> broker -> tunnel -> connector ->
 fake LLM, against the same fake LLM process. Scenarios 1-5 compare DIRECT with
-THROUGH; scenario 6 compares two users, both THROUGH. Runs alternate A,B / B,A so
+THROUGH; scenario 6 compares two users, both THROUGH; scenario 7 one broker process
+with two (``--workers 2``), both THROUGH. Runs alternate A,B / B,A so
 that slow drift of the machine hits both arms alike; each metric is the median over
 repetitions. Connection setup is never timed: the client connects, then starts.
 """

@@ -16,6 +16,7 @@ import sys
 import time
 from types import FrameType
 
+from broker import logs
 from broker.identity import WORKER_ENV, worker_value
 
 log = logging.getLogger("remotellm.workers")
@@ -46,7 +47,7 @@ class _Stop:
 
 def supervise(argv: list[str], count: int, stop_timeout: float) -> int:
     """Run ``count`` workers of ``python -m broker argv`` until SIGTERM or SIGINT."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.setup()
     base = secrets.token_hex(4)
     stop = _Stop()
     signal.signal(signal.SIGTERM, stop)
@@ -60,6 +61,7 @@ def supervise(argv: list[str], count: int, stop_timeout: float) -> int:
 
     workers = [start(i) for i in range(count)]
     early_exits = 0
+    gave_up = False
     while not stop.requested:
         time.sleep(WATCH_INTERVAL)
         for index, (proc, started) in enumerate(workers):
@@ -69,14 +71,15 @@ def supervise(argv: list[str], count: int, stop_timeout: float) -> int:
             early_exits = early_exits + 1 if time.monotonic() - started < EARLY_EXIT else 0
             if early_exits >= MAX_EARLY_EXITS:
                 log.error("workers keep dying at start: giving up")
-                stop.requested = True
+                stop.requested = gave_up = True
                 break
             time.sleep(RESTART_PAUSE)
             workers[index] = start(index)
-    return _stop_all([proc for proc, _ in workers], stop_timeout)
+    _stop_all([proc for proc, _ in workers], stop_timeout)
+    return 1 if gave_up else 0
 
 
-def _stop_all(procs: list[subprocess.Popen[bytes]], timeout: float) -> int:
+def _stop_all(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
     """SIGTERM to each (each drains), SIGKILL to those still there after ``timeout``."""
     for proc in procs:
         if proc.poll() is None:
@@ -88,4 +91,3 @@ def _stop_all(procs: list[subprocess.Popen[bytes]], timeout: float) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    return 0

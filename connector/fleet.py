@@ -109,9 +109,10 @@ class Fleet:
 
     def _reconcile(self, now: float) -> None:
         listed: dict[str, str] = {}
-        for brokers in self._lists.values():
-            for broker_id, url in brokers:
-                listed.setdefault(broker_id, url)
+        for tunnel, brokers in self._lists.items():
+            if tunnel.status.connected:  # (a tunnel resuming may hold a dead broker's last word)
+                for broker_id, url in brokers:
+                    listed.setdefault(broker_id, url)
         for member in list(self._members):
             self._check(member, listed, now)
         for broker_id, url in listed.items():
@@ -176,8 +177,11 @@ class Fleet:
         self._changed.set()
 
     def _retire(self, member: _Member) -> None:
-        """Drain the tunnel (its replies finish), then end it."""
+        """Drain the tunnel (its replies finish), then end it; one that is down ends now."""
         member.retiring = True
+        if not member.tunnel.status.connected:
+            member.task.cancel()
+            return
 
         async def retire() -> None:
             try:

@@ -6,9 +6,16 @@ config), brokers and connectors; the heavy ones are marked slow.
 
 import asyncio
 import contextlib
+import os
 import shutil
+import signal
+import socket
+import sys
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,7 +24,9 @@ from broker.config import ConfigError
 from broker.settings import parse_cli, resolve
 from connector.fleet import Fleet
 from connector.llm import LLMClient
+from connector.settings import Settings as ConnectorSettings
 from connector.settings import resolve as connector_resolve
+from connector.tunnel import Status
 from tests.balancer import Balancer, readme_block, start_balancer
 from tests.proxies import proxy_workdir
 from tests.servers import RedisServer, start_redis
@@ -74,19 +83,35 @@ def chat(url: str, model: str) -> httpx.Response:
     return httpx.post(url + "/v1/chat/completions", json=body(model), headers=USER, timeout=30)
 
 
+@dataclass
+class Fleet3:
+    brokers: list[BrokerHandle]
+    balancer: Balancer
+    redis: RedisServer
+    health_ports: list[int]  # the connectors'
+
+    def connector_tunnels(self) -> list[set[str]]:
+        """Each connector's tunnels, as the broker ids they are for."""
+        reports = [httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json() for port in self.health_ports]
+        return [{t["broker"] for t in report["tunnels"]} for report in reports]
+
+
 @contextlib.contextmanager
-def fleet_of_three(stack: Stack) -> Iterator[tuple[list[BrokerHandle], Balancer, RedisServer]]:
+def fleet_of_three(stack: Stack) -> Iterator[Fleet3]:
     """Redis, three brokers behind nginx, two connectors (models m-a, m-b) given nginx alone."""
     with proxy_workdir("balancer") as workdir:
         redis = start_redis(stack, stack.log_dir)
         ports = [free_port() for _ in range(3)]
         brokers = [start_broker(stack, port, redis=redis, name=f"broker{i}") for i, port in enumerate(ports)]
         balancer = start_balancer(stack, workdir, [f"127.0.0.1:{port}" for port in ports])
+        health_ports = []
         for name in ("a", "b"):
-            stack.connector(balancer.url, f"tok-{name}", stack.llm(f"m-{name}", name=f"llm-{name}"), f"m-{name}")
+            llm = stack.llm(f"m-{name}", name=f"llm-{name}")
+            health_ports.append(free_port())
+            stack.connector(balancer.url, f"tok-{name}", llm, f"m-{name}", health_port=health_ports[-1])
         wait_sessions(brokers, 2)
         try:
-            yield brokers, balancer, redis
+            yield Fleet3(brokers, balancer, redis, health_ports)
         finally:
             shutil.copy(workdir / "access.log", stack.log_dir / "balancer-access.log")
 
@@ -127,6 +152,14 @@ def test_broker_settings_for_several_brokers() -> None:
             resolve(None, env)
 
 
+class _Connected:
+    """What the fleet sees of a tunnel with a session: its status and its settings."""
+
+    def __init__(self, settings: ConnectorSettings) -> None:
+        self.status = Status(connected=True)
+        self.settings = settings
+
+
 def test_a_hostile_broker_cannot_grow_the_fleet_without_bound() -> None:
     """Lists from several tunnels, each within the bound, together name far more brokers:
     the fleet opens no more than MAX_BROKERS tunnels, and none to a cleartext remote host."""
@@ -138,18 +171,18 @@ def test_a_hostile_broker_cannot_grow_the_fleet_without_bound() -> None:
         })  # fmt: skip
         llm = LLMClient(settings.llm_url)
         fleet = Fleet(settings, llm)
-        runner = asyncio.create_task(fleet.run())
-        await asyncio.sleep(0.1)
-        scout = fleet.health()["tunnels"]
-        assert len(scout) == 1
+        fleet._scout()
+        assert len(fleet.health()["tunnels"]) == 1
         many = [(f"h{i}", f"https://127.0.0.1:{1000 + i}") for i in range(MAX_BROKERS)]
         half = MAX_BROKERS // 2
-        fleet.heard(fleet._members[0].tunnel, [("plain", "http://203.0.113.9:80"), *many[:half]])
-        fleet.heard(object(), many[half:])  # type: ignore[arg-type]  # (a second tunnel's list)
-        await asyncio.sleep(0.2)
+        # Two tunnels with a session (stand-ins), each with a list of its own.
+        first, second = _Connected(settings), _Connected(settings)
+        fleet.heard(first, [("plain", "http://203.0.113.9:80"), *many[:half]])  # type: ignore[arg-type]
+        fleet.heard(second, many[half:])  # type: ignore[arg-type]
+        for _ in range(3):
+            fleet._reconcile(time.monotonic())
         urls = [t["broker_url"] for t in fleet.health()["tunnels"]]
         await asyncio.wait_for(fleet.drain(), 40)
-        runner.cancel()
         await llm.aclose()
         return len(urls), urls
 
@@ -203,6 +236,11 @@ def test_workers_share_one_port_and_each_holds_a_session(stack: Stack) -> None:
         return len(seen) == 2 and set(seen.values()) == {1}
 
     wait_until(workers_ready, timeout=20, what="both workers to hold a session")
+    children = _children(broker.proc.pid)
+    assert len(children) == 2
+    os.kill(children[0], signal.SIGKILL)  # the parent starts it again, with its slot's id
+    wait_until(lambda: children[0] not in _children(broker.proc.pid), timeout=10, what="the worker to go")
+    wait_until(workers_ready, timeout=20, what="both workers to hold a session again")
     served: set[str] = set()
     for _ in range(20):
         with httpx.Client(timeout=30) as client:
@@ -211,11 +249,22 @@ def test_workers_share_one_port_and_each_holds_a_session(stack: Stack) -> None:
             assert response.status_code == 200, response.text
             served.add(health["broker"])
     assert len(served) == 2
+    workers = _children(broker.proc.pid)
+    os.kill(broker.proc.pid, signal.SIGTERM)  # the parent alone: it passes the signal on
+    assert broker.proc.popen.wait(40) == 0  # each worker drained, then the parent left
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+
+def _children(pid: int) -> list[int]:
+    with contextlib.suppress(OSError):
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return []
 
 
 @pytest.mark.slow
 def test_every_model_through_every_broker_and_a_new_broker_joins(stack: Stack) -> None:
-    with fleet_of_three(stack) as (brokers, balancer, redis):
+    with fleet_of_three(stack) as fleet:
+        brokers, balancer, redis = fleet.brokers, fleet.balancer, fleet.redis
         for broker in brokers:
             assert sorted(broker.health()["models"]) == ["m-a", "m-b"]  # type: ignore[type-var]
             for model in ("m-a", "m-b"):
@@ -249,8 +298,10 @@ async def _stream(url: str, first_chunk: asyncio.Event | None, **fake: object) -
 
 @pytest.mark.slow
 def test_kill_one_of_three_brokers(stack: Stack) -> None:
-    with fleet_of_three(stack) as (brokers, balancer, _):
+    with fleet_of_three(stack) as fleet:
+        brokers, balancer = fleet.brokers, fleet.balancer
         victim, survivors = brokers[0], brokers[1:]
+        sessions_before = [_sessions_of(b) for b in survivors]
 
         async def scenario() -> tuple[list[str], list[str], float]:
             started = [asyncio.Event() for _ in range(KILL_STREAMS)]
@@ -271,12 +322,23 @@ def test_kill_one_of_three_brokers(stack: Stack) -> None:
         assert len(ends) == KILL_STREAMS and "ok" not in ends, ends
         assert kept == ["ok"] * len(kept), kept
         assert recovered <= 2.0, recovered
-        assert all(sessions(b) == 2 for b in survivors)
+        assert [_sessions_of(b) for b in survivors] == sessions_before  # the very same sessions
+        # The dead broker leaves the registry (its key expires), then every connector's fleet.
+        ids = {str(b.health()["broker"]) for b in survivors}
+        wait_until(lambda: all(b.health()["brokers"] == 2 for b in survivors), timeout=5, what="the registry")
+        wait_until(lambda: fleet.connector_tunnels() == [ids, ids], timeout=15, what="the fleets to drop it")
+
+
+def _sessions_of(broker: BrokerHandle) -> list[tuple[str, str]]:
+    """Each connector's session at ``broker``: its name and when it registered."""
+    tunnels: list[dict[str, str]] = broker.health()["tunnels"]  # type: ignore[assignment]
+    return sorted((t["name"], t["connected_since"]) for t in tunnels)
 
 
 @pytest.mark.slow
 def test_a_rolling_restart_loses_no_request(stack: Stack) -> None:
-    with fleet_of_three(stack) as (brokers, balancer, redis):
+    with fleet_of_three(stack) as fleet:
+        brokers, balancer, redis = fleet.brokers, fleet.balancer, fleet.redis
         results: list[int] = []
         stop = threading.Event()
 
@@ -298,7 +360,7 @@ def test_a_rolling_restart_loses_no_request(stack: Stack) -> None:
             for index, broker in enumerate(list(brokers)):
                 before = len(results)
                 port = int(broker.url.rsplit(":", 1)[1])
-                assert broker.proc.stop(timeout=40) is not None  # it left within its drain
+                assert broker.proc.stop(timeout=40) == 0  # it left within its drain
                 brokers[index] = start_broker(stack, port, redis=redis, name=f"broker{index}-again")
                 wait_sessions(brokers, 2, timeout=20)
                 wait_until(lambda before=before: len(results) > before + 20, timeout=20, what="load to go on")
@@ -317,3 +379,14 @@ def test_the_readme_commands_use_real_flags() -> None:
     for line in brokers:
         args = parse_cli(line.replace("&", "").split())
         assert args.advertise_url and args.redis_url and args.port
+
+
+@pytest.mark.slow
+def test_workers_that_cannot_start_make_the_parent_give_up(stack: Stack) -> None:
+    with socket.socket() as taken:  # the port is someone else's (no SO_REUSEPORT)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        parent = stack.spawn("broker", [sys.executable, "-m", "broker", "--port", str(port), "--workers", "2"])
+        assert parent.popen.wait(60) == 1, parent.log()
+    assert "giving up" in parent.log()
