@@ -218,33 +218,36 @@ def test_a_burst_through_two_brokers_never_has_more_than_the_cap_at_the_llm(stac
 
 
 def test_a_broker_counts_a_connector_full_from_its_reports_and_its_refusals() -> None:
-    spec = ConnectorSpec("box", b"\x00" * 32, None, None, CAP)
-    session = BrokerSession(spec, Hello("c.1", "1", ["m"]), DEFAULT_LIMITS)
-    connector = ConnectorConnection()
-    assert connector.inbound().feed(session.conn.data_to_send()) == [Capacity(CAP)]  # first of all
-    uplink = session.inbound()
-    assert uplink is not None
+    async def scenario() -> None:  # (a session's exchanges belong to a running loop)
+        spec = ConnectorSpec("box", b"\x00" * 32, None, None, CAP)
+        session = BrokerSession(spec, Hello("c.1", "1", ["m"]), DEFAULT_LIMITS)
+        connector = ConnectorConnection()
+        assert connector.inbound().feed(session.conn.data_to_send()) == [Capacity(CAP)]  # first of all
+        uplink = session.inbound()
+        assert uplink is not None
 
-    def report(free: int) -> list[Drain | Slots]:
-        connector.slots(free)
-        return session.receive(uplink, connector.data_to_send())
+        def report(free: int) -> list[Drain | Slots]:
+            connector.slots(free)
+            return session.receive(uplink, connector.data_to_send())
 
-    assert report(0) == [] and session.occupied == CAP  # full with another broker's requests
-    assert report(1) == [Slots(1)] and session.occupied == CAP - 1  # room: the queue looks again
-    exchange = session.open("POST", "/v1/chat/completions", "", [], b"{}")
-    assert session.occupied == CAP  # this broker's request, not yet in any report
-    [request] = connector.inbound().feed(session.conn.data_to_send())
-    assert isinstance(request, Request)
-    assert report(2) == [Slots(2)] and session.occupied == 1  # a report never hides this broker's own request
-    connector.end(request.id, "busy", "full")
-    session.receive(uplink, connector.data_to_send())
-    assert session.occupied == CAP  # refused: full, whatever the reports said, until the next one
-    assert exchange.events.get_nowait() == End(request.id, "busy", "full")
-    session.renew(replace(spec, max_concurrent=CAP + 1))  # a reload changed the cap
-    session.renew(replace(spec, max_concurrent=CAP + 1))  # (and one that did not)
-    session.renew(replace(spec, max_concurrent=None))
-    assert connector.inbound().feed(session.conn.data_to_send()) == [Capacity(CAP + 1), Capacity(0)]
-    assert session.free_slots is None and session.occupied == session.in_flight  # no cap: its own count alone
+        assert report(0) == [] and session.occupied == CAP  # full with another broker's requests
+        assert report(1) == [Slots(1)] and session.occupied == CAP - 1  # room: the queue looks again
+        exchange = session.open("POST", "/v1/chat/completions", "", [], b"{}")
+        assert session.occupied == CAP  # this broker's request, not yet in any report
+        [request] = connector.inbound().feed(session.conn.data_to_send())
+        assert isinstance(request, Request)
+        assert report(2) == [Slots(2)] and session.occupied == 1  # a report never hides this broker's own request
+        connector.end(request.id, "busy", "full")
+        session.receive(uplink, connector.data_to_send())
+        assert session.occupied == CAP  # refused: full, whatever the reports said, until the next one
+        assert exchange.events.get_nowait() == End(request.id, "busy", "full")
+        session.renew(replace(spec, max_concurrent=CAP + 1))  # a reload changed the cap
+        session.renew(replace(spec, max_concurrent=CAP + 1))  # (and one that did not)
+        session.renew(replace(spec, max_concurrent=None))
+        assert connector.inbound().feed(session.conn.data_to_send()) == [Capacity(CAP + 1), Capacity(0)]
+        assert session.free_slots is None and session.occupied == session.in_flight  # no cap: its own count alone
+
+    run(scenario)
 
 
 def test_a_busy_refusal_goes_on_to_another_connector_or_ends_in_a_clean_429(stack: Stack, tmp_path: Path) -> None:
