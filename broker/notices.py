@@ -34,7 +34,8 @@ _decode = msgspec.json.Decoder(Notice).decode
 
 
 class Notices:
-    """This broker's end of the channel: ``publish`` to the others, ``listen`` for theirs."""
+    """This broker's end of the channel: ``config_changed`` and ``revoked`` tell the other
+    brokers, ``listen`` hears theirs."""
 
     def __init__(
         self, url: str, on_config: Callable[[], None], on_revoked: Callable[[bytes], None], channel: str = CHANNEL

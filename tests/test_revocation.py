@@ -8,9 +8,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 
 from broker.keys import digest_of
-from broker.notices import Notices
+from broker.notices import CHANNEL, Notices
 from tests.servers import start_redis
 from tests.support import BrokerHandle, Stack, free_port, wait_until
 
@@ -151,6 +152,13 @@ def test_notices_arrive_again_once_redis_is_back(
         sender = Notices(redis.url, on_config=lambda: None, on_revoked=lambda digest: None)
         listening = asyncio.create_task(listener.listen())
         await heard_after_publishing(sender, heard)
+        raw = aioredis.Redis.from_url(redis.url)
+        revoked_bad = b'{"sender": "x", "kind": "revoked", "token_digest": "zz"}'
+        for garbage in (b"\xff{", b"x" * 5000, revoked_bad, b'{"sender": "x", "kind": "config", "extra": 1}'):
+            await raw.publish(CHANNEL, garbage)  # whatever else is on the channel: ignored
+        await raw.aclose()
+        heard.clear()
+        await heard_after_publishing(sender, heard)  # the listener goes on
         redis.proc.kill()
         start_redis(stack, tmp_path, port=redis.port)
         heard.clear()
@@ -162,6 +170,7 @@ def test_notices_arrive_again_once_redis_is_back(
 
     caplog.set_level(logging.WARNING, logger="remotellm.notices")
     asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert sum("malformed notice" in r.message for r in caplog.records) == 3  # (the oversized one unread)
     lost = [r.message for r in caplog.records if "lost" in r.message]
     assert len(lost) == 1, lost  # once per outage, not once per attempt
     assert any("arrive again" in r.message for r in caplog.records)
