@@ -527,7 +527,7 @@ def reply_scripts(draw: st.DrawFn) -> list[Step]:
 
 @dataclass
 class Expected:
-    kind: str  # "complete", "cut" (after the head) or "error" (a 502 before it)
+    kind: str  # "complete", "cut" (after the head), "error" (a 502 before it) or "busy" (a 429)
     status: int
     body: bytes = b""
     left_open: bool = False  # nothing ended the request yet: a later reply body must
@@ -548,6 +548,8 @@ def expected_outcome(steps: list[Step], truncated: bool) -> Expected:
     interrupted = any(step.frame is None for step in steps)
     if not delivered:
         return Expected("error", 502, left_open=not interrupted)
+    if isinstance(delivered[0], End) and delivered[0].error == "busy":
+        return Expected("busy", 429)  # the connector is full, and it is the only one serving the model
     if not isinstance(delivered[0], Head):
         return Expected("error", 502)  # the reply did not start with a head: the broker answers for it
     if not _relayable(delivered[0]):
@@ -570,6 +572,7 @@ def _relayable(head: Head) -> bool:
 @given(steps=reply_scripts(), truncated=st.booleans(), cuts=st.lists(st.integers(0, 10_000), max_size=4))
 @example(steps=[Step(Head(OURS, 200, [])), Step(Chunk(OURS, b"hi")), Step(End(OURS))], truncated=False, cuts=[])
 @example(steps=[Step(Head(OURS, 200, [])), Step(poison=b"\xff\xff\xff\xff")], truncated=False, cuts=[])
+@example(steps=[Step(End(OURS, "busy"))], truncated=False, cuts=[])
 @settings(FUZZ, max_examples=100)
 def test_fuzzed_replies_to_real_requests_end_cleanly(
     fuzzed: Fuzzed, live: LiveConnector, steps: list[Step], truncated: bool, cuts: list[int]
@@ -624,6 +627,10 @@ def test_fuzzed_replies_to_real_requests_end_cleanly(
     elif expected.kind == "cut":
         assert outcome.get("status") == expected.status, outcome
         assert isinstance(outcome.get("error"), httpx.RemoteProtocolError), outcome
+    elif expected.kind == "busy":
+        assert outcome.get("status") == 429, outcome
+        answer = outcome["body"]
+        assert isinstance(answer, bytes) and json.loads(answer)["error"]["code"] == "capacity_exceeded", outcome
     else:
         assert outcome.get("status") == 502, outcome
         answer = outcome["body"]
