@@ -14,6 +14,7 @@ from broker import config_watch
 from broker.admission import Accepts, Admission
 from broker.body import BodyBudget
 from broker.config import ConfigError, ConnectorSpec
+from broker.enrollment import Enrollment
 from broker.keys import bearer, find_secret
 from broker.logs import RequestLog, log
 from broker.metrics import Metrics, Snapshot
@@ -40,6 +41,7 @@ class Hub:
         self.users = users_of(settings)
         self.auth_throttle = AuthThrottle()
         self._token_digests = tuple(spec.token_digest for spec in settings.connectors)
+        self.enrollment = Enrollment(settings.database, self.revoke)
         self._tasks: set[asyncio.Task[None]] = set()
         _log_warnings(settings)
 
@@ -63,10 +65,16 @@ class Hub:
         if token is None:
             return None
         index = find_secret(token, self._token_digests)
-        if index is None:
+        if index is not None:
+            return self.settings.connectors[index]
+        spec = self.enrollment.enrolled.approved(authorization)
+        if spec is None:
             self.metrics.auth_failures.labels("tunnel").inc()
-            return None
-        return self.settings.connectors[index]
+        return spec
+
+    def revoke(self, identities: set[bytes]) -> None:
+        """The sessions of these connectors (by ``token_digest``) end now: revoked, or no longer approved."""
+        self.sessions.revoke(lambda session: None if session.spec.token_digest in identities else session.spec)
 
     # --- a session's life ------------------------------------------------
 
@@ -113,13 +121,17 @@ class Hub:
             allowed_paths=settings.allowed_paths,
             users=settings.users,
             admin_key_digests=settings.admin_key_digests,
+            require_approval=settings.require_approval,
         )
         self.users = users_of(self.settings)
         self._token_digests = tuple(spec.token_digest for spec in settings.connectors)
         specs = {spec.token_digest: spec for spec in settings.connectors}
         self.placement.reconfigure(self.settings)
         _log_warnings(settings)
-        self.sessions.revoke(lambda session: specs.get(session.spec.token_digest))
+        enrolled = self.enrollment.enrolled
+        self.sessions.revoke(
+            lambda session: specs.get(session.spec.token_digest) or enrolled.by_identity(session.spec.token_digest)
+        )
         for session in self.sessions:
             self.placement.place(session)
         log.info(

@@ -18,11 +18,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from broker import logs, tunnel_api
+from broker import console, logs, tunnel_api
 from broker.accounting import Accounting
 from broker.affinity import MemoryAffinity
 from broker.asgi import Receive, Scope, Send
 from broker.edge import CanonicalTarget
+from broker.enroll_api import enroll
 from broker.errors import error_body
 from broker.hub import Hub
 from broker.metrics import CONTENT_TYPE
@@ -32,6 +33,7 @@ from broker.settings import Settings
 from broker.usage import usage_query
 from broker.users import Caller, User
 from wire import POLL_PATH, REGISTER_PATH, REPLY_PATH
+from wire.endpoints import ENROLL_PATH
 
 
 class _TunnelEndpoint:
@@ -177,6 +179,7 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         hub.start(reload)
+        hub.enrollment.start()
         accounting.start()
         app.state.accounting = accounting
         loop = asyncio.get_running_loop()
@@ -187,6 +190,7 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.remove_signal_handler(signal.SIGHUP)
         hub.close()
+        await hub.enrollment.aclose()
         await accounting.aclose()
 
     accounting = Accounting(settings, hub.metrics)
@@ -206,6 +210,8 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
         Route(REGISTER_PATH, _TunnelEndpoint(hub, tunnel_api.register), methods=["POST"]),
         Route(POLL_PATH, _TunnelEndpoint(hub, tunnel_api.poll), methods=["GET"]),
         Route(REPLY_PATH, _TunnelEndpoint(hub, tunnel_api.reply), methods=["POST"]),
+        Route(ENROLL_PATH, enroll, methods=["POST"]),
+        *console.routes(),
     ]
     app = Starlette(
         routes=routes,

@@ -30,12 +30,19 @@ _FRAMES_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 _HELLO_LIMIT = 1024 * 1024
+VIA_SHOWN = 120  # characters of a Via header kept for the console
 SHORT_POLL_WAIT = 5.0  # an idle short poll returns after this long (or the ping interval)
 
 
 def _remote(scope: Scope) -> str:
     client = scope.get("client")
     return f"{client[0]}:{client[1]}" if client else "?"
+
+
+def _proxy(scope: Scope) -> str | None:
+    """The proxy a request says it came through (Via), cut short: it is the connector's input."""
+    via = header(scope, b"via")
+    return via[:VIA_SHOWN] if via else None
 
 
 async def _refuse_token(hub: Hub, send: Send, scope: Scope) -> None:
@@ -67,7 +74,11 @@ async def _refuse_frames(hub: Hub, session: Session, send: Send, exc: ProtocolEr
 
 
 async def register(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
-    spec = hub.connector_spec(header(scope, b"authorization"))
+    authorization = header(scope, b"authorization")
+    spec = hub.connector_spec(authorization)
+    if spec is None and hub.enrollment.enrolled.pending(authorization):
+        await send_error(send, 403, "pending_approval", "This connector is enrolled and awaits an admin's approval.")
+        return
     if spec is None:
         await _refuse_token(hub, send, scope)
         return
@@ -80,7 +91,7 @@ async def register(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None
         await send_error(send, 400, "invalid_request", "The body must be exactly one Hello frame.")
         return
     try:
-        session = hub.sessions.register(spec, frames[0], _remote(scope))
+        session = hub.sessions.register(spec, frames[0], _remote(scope), _proxy(scope))
     except Refused as exc:
         log.warning("connector %s refused: %s", spec.name, exc)
         await send_error(send, exc.status, exc.code, str(exc))

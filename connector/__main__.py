@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import httpx
 
+from connector.enroll import EnrollError, enroll
 from connector.health import serve_health
 from connector.llm import LLMClient
 from connector.settings import SettingsError, parse_cli, resolve
@@ -27,6 +28,12 @@ async def run(argv: list[str]) -> int:
         print(f"python -m connector: {exc}", file=sys.stderr)
         return 2
     _warn_cleartext(settings.broker_url)
+    if settings.enroll_code:
+        try:
+            settings = await enroll(settings, settings.enroll_code)
+        except EnrollError as exc:
+            log.error("enrollment failed: %s", exc)
+            return 1
     status = Status(models=list(settings.models))
     llm = LLMClient(settings.llm_url)
     health = (

@@ -1,0 +1,289 @@
+"""The console's routes: thin handlers that check who asks, then render or act.
+
+Pages are rendered on the server (Jinja2); each live part of a page is re-fetched as an
+HTML fragment from the same template, and the charts read the admin JSON API. Every
+response carries a strict Content-Security-Policy: scripts and styles come from
+/admin/static only.
+"""
+
+import asyncio
+import secrets
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from broker.asgi import ClientGone, read_body
+from broker.console import auth, views
+from broker.console.auth import ConsoleSession
+from broker.enrollment import DEFAULT_TTL, EnrollmentError, check_name, check_ttl, parse_models
+from broker.errors import error_body
+from broker.hub import Hub
+from broker.logs import log
+
+HERE = Path(__file__).parent
+templates = Jinja2Templates(directory=HERE / "templates")
+PAGES = ("connectors", "models", "usage", "live", "enroll")
+LIVE = frozenset({"connectors", "models", "usage", "live"})  # pages with a part fetched again and again
+FORM_LIMIT = 8192  # bytes of a console form
+SECURITY_HEADERS = {
+    "content-security-policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "x-frame-options": "DENY",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "cache-control": "no-store",
+}
+ACTIONS = {"approve": ("approved", ("pending",)), "revoke": ("revoked", ("pending", "approved"))}
+
+
+def _hub(request: Request) -> Hub:
+    hub: Hub = request.app.state.hub
+    return hub
+
+
+def _engine(request: Request) -> AsyncEngine:
+    store = _hub(request).enrollment.store
+    assert store is not None  # started with the app
+    return store.engine
+
+
+def _render(
+    request: Request, template: str, context: dict[str, Any], status: int = 200, session: ConsoleSession | None = None
+) -> Response:
+    context = {"csrf": session.csrf if session else "", "signed_in": session is not None, **context}
+    return templates.TemplateResponse(request, template, context, status_code=status, headers=SECURITY_HEADERS)
+
+
+def _error_page(request: Request, status: int, message: str, session: ConsoleSession | None = None) -> Response:
+    return _render(request, "error.html", {"status": status, "message": message, "page": ""}, status, session)
+
+
+def _redirect(to: str) -> Response:
+    return RedirectResponse(to, 303, headers=SECURITY_HEADERS)
+
+
+async def _form(request: Request) -> dict[str, str] | None:
+    """A url-encoded form of at most FORM_LIMIT bytes (None if larger or cut short)."""
+    try:
+        body = await read_body(request.receive, FORM_LIMIT)
+    except ClientGone:
+        return None
+    if body is None:
+        return None
+    return dict(parse_qsl(body.decode("utf-8", "replace"), max_num_fields=20))
+
+
+async def _session(request: Request) -> ConsoleSession | None:
+    return await auth.find_session(_engine(request), request)
+
+
+# --- signing in and out ------------------------------------------------------
+
+
+async def index(request: Request) -> Response:
+    if await _session(request) is not None:
+        return _redirect("/admin/connectors")
+    return _login_page(request)
+
+
+def _login_page(request: Request, error: str = "", status: int = 200) -> Response:
+    token = secrets.token_urlsafe(24)
+    response = _render(request, "login.html", {"login_csrf": token, "error": error, "page": "login"}, status)
+    auth.set_cookie(request, response, auth.LOGIN_COOKIE, token, auth.LOGIN_FORM_LIFETIME)
+    return response
+
+
+async def login(request: Request) -> Response:
+    form = await _form(request)
+    if form is None:
+        return _error_page(request, 400, "That form was too large or incomplete.")
+    if not auth.csrf_ok(request.cookies.get(auth.LOGIN_COOKIE, "") or "-", form.get(auth.CSRF_FIELD)):
+        return _login_page(request, "The sign-in form expired; please try again.", 403)
+    hub = _hub(request)
+    caller = hub.identify(f"Bearer {form.get('key', '')}", None)
+    if caller is None or not caller.admin:
+        address = request.client.host if request.client else "?"
+        await asyncio.sleep(hub.auth_throttle.failed(address))
+        log.warning("console: a sign-in with a key that is not an admin key, from %s", address)
+        return _login_page(request, "That is not an admin key.", 401)
+    value, _ = await auth.open_session(_engine(request))
+    response = _redirect("/admin/connectors")
+    auth.set_cookie(request, response, auth.COOKIE, value, auth.SESSION_LIFETIME)
+    auth.clear_cookie(request, response, auth.LOGIN_COOKIE)
+    return response
+
+
+async def logout(request: Request) -> Response:
+    posted = await _posted(request)
+    if isinstance(posted, Response):
+        return posted
+    await auth.close_session(_engine(request), request)
+    response = _redirect("/admin")
+    auth.clear_cookie(request, response, auth.COOKIE)
+    return response
+
+
+async def _posted(request: Request) -> tuple[ConsoleSession, dict[str, str]] | Response:
+    """A console form post: its session and form, or the refusal to send."""
+    session = await _session(request)
+    form = await _form(request)
+    if session is None:
+        return _redirect("/admin")
+    if form is None:
+        return _error_page(request, 400, "That form was too large or incomplete.", session)
+    if not auth.csrf_ok(session.csrf, form.get(auth.CSRF_FIELD)):
+        log.warning("console: a form post without its session's CSRF token was refused")
+        return _error_page(request, 403, "This form is not from this console session; reload the page.", session)
+    return session, form
+
+
+# --- pages ---------------------------------------------------------------------
+
+
+async def _data(request: Request, page: str) -> dict[str, Any]:
+    hub = _hub(request)
+    if page == "connectors":
+        return views.connectors(hub)
+    if page == "models":
+        return await views.models(hub, _engine(request))
+    if page == "usage":
+        span = request.query_params.get("range", "hour")
+        return await views.usage(_engine(request), span if span in views.RANGES else "hour")  # type: ignore[arg-type]
+    if page == "live":
+        return await views.feed(_engine(request))
+    return {}
+
+
+async def page(request: Request) -> Response:
+    name = request.path_params["page"]
+    session = await _session(request)
+    if name not in PAGES:
+        return _error_page(request, 404, f"There is no console page {name[:64]!r}.", session)
+    if session is None:
+        return _redirect("/admin")
+    data = await _data(request, name)
+    return _render(request, f"{name}.html", {"page": name, "data": data}, session=session)
+
+
+async def fragment(request: Request) -> Response:
+    """The live part of a page, rendered again (the page's script swaps it in)."""
+    name = request.path_params["page"]
+    session = await _session(request)
+    if session is None:
+        return Response("signed out", 401, headers=SECURITY_HEADERS)
+    if name not in LIVE:
+        return _error_page(request, 404, "No such live view.", session)
+    data = await _data(request, name)
+    return _render(request, f"_{name}.html", {"page": name, "data": data}, session=session)
+
+
+async def api(request: Request) -> Response:
+    """GET /admin/api/{connectors,models,usage,live}: a console session or an admin key."""
+    if await _session(request) is None:
+        caller = _hub(request).identify(request.headers.get("authorization"), request.headers.get("x-api-key"))
+        if caller is None:
+            return Response(
+                error_body(401, "invalid_api_key", "An admin key is required."), 401, media_type="application/json"
+            )
+        if not caller.admin:
+            return Response(
+                error_body(403, "forbidden", "This needs an admin key."), 403, media_type="application/json"
+            )
+    name = request.path_params["page"]
+    if name not in LIVE:
+        return Response(error_body(404, "not_found", "No such admin API."), 404, media_type="application/json")
+    return JSONResponse(await _data(request, name), headers={"cache-control": "no-store"})
+
+
+# --- actions -------------------------------------------------------------------
+
+
+async def connector_action(request: Request) -> Response:
+    """Approve a pending connector, or revoke one (its tunnels close at once)."""
+    posted = await _posted(request)
+    if isinstance(posted, Response):
+        return posted
+    session, _ = posted
+    name, action = request.path_params["name"], request.path_params["action"]
+    if action not in ACTIONS:
+        return _error_page(request, 404, "No such action.", session)
+    state, only_from = ACTIONS[action]
+    enrollment = _hub(request).enrollment
+    assert enrollment.store is not None
+    if not await enrollment.store.set_state(name, state, only_from=only_from):  # type: ignore[arg-type]
+        return _error_page(request, 404, f"No enrolled connector {name[:64]!r} can be {state} now.", session)
+    await enrollment.refresh()
+    log.info("console: connector %s %s", name, state)
+    return _redirect("/admin/connectors")
+
+
+async def enroll(request: Request) -> Response:
+    """A one-time enrollment code, shown once in this response and never stored in clear."""
+    posted = await _posted(request)
+    if isinstance(posted, Response):
+        return posted
+    session, form = posted
+    try:
+        name = check_name(form.get("name", "").strip())
+        models = parse_models(form.get("models", ""))
+        ttl = check_ttl(float(form.get("ttl") or DEFAULT_TTL))
+    except ValueError:
+        return _error_page(request, 400, "The code's lifetime must be a number of seconds.", session)
+    except EnrollmentError as exc:
+        return _error_page(request, 400, str(exc), session)
+    if any(spec.name == name for spec in _hub(request).settings.connectors):
+        return _error_page(request, 409, f"A configured connector is called {name!r} already.", session)
+    store = _hub(request).enrollment.store
+    assert store is not None
+    code = await store.create_code(name, models, ttl)
+    log.info("console: enrollment code made for connector %s (valid %d s)", name, ttl)
+    context = {"page": "enroll", "data": {}, "code": code, "name": name, "ttl": ttl, "broker_url": _base_url(request)}
+    return _render(request, "enroll.html", context, session=session)
+
+
+def _base_url(request: Request) -> str:
+    return f"{request.url.scheme}://{request.url.netloc}"
+
+
+async def not_found(request: Request) -> Response:
+    return _error_page(request, 404, "There is no such console page.", await _session(request))
+
+
+def _guarded(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """The handler, with a clear page instead of a 500 while the database is unreachable."""
+
+    async def guarded(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except (SQLAlchemyError, OSError) as exc:
+            log.error("console: the database is unreachable (%s)", type(exc).__name__)
+            return _error_page(request, 503, "The console's database is unreachable; try again shortly.")
+
+    return guarded
+
+
+def routes() -> list[BaseRoute]:
+    handlers: list[tuple[str, Callable[[Request], Awaitable[Response]], str]] = [
+        ("/admin", index, "GET"),
+        ("/admin/login", login, "POST"),
+        ("/admin/logout", logout, "POST"),
+        ("/admin/enroll", enroll, "POST"),
+        ("/admin/connectors/{name}/{action}", connector_action, "POST"),
+        ("/admin/api/{page}", api, "GET"),
+        ("/admin/{page}/fragment", fragment, "GET"),
+        ("/admin/{page}", page, "GET"),
+    ]
+    return [
+        Mount("/admin/static", StaticFiles(directory=HERE / "static"), name="static"),
+        *(Route(path, _guarded(handler), methods=[method]) for path, handler, method in handlers),
+        Route("/admin/{path:path}", _guarded(not_found), methods=["GET", "POST"]),
+    ]
