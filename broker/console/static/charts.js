@@ -29,7 +29,8 @@ function draw(element, times, named) {
     width: element.clientWidth || 600,
     height: 220,
     series: [{}, ...names.map((name, i) => ({ label: name, stroke: COLORS[i % COLORS.length], width: 2 }))],
-    axes: [{}, { size: 60 }],
+    legend: { live: false },
+    axes: [{ space: 70 }, { size: 60 }],
     scales: { y: { range: (u, min, max) => [0, Math.max(1, max * 1.1)] } },
   };
   charts[element.id] = { signature, plot: new uPlot(options, values, element) };
