@@ -10,6 +10,7 @@ its own changes: a revocation on one broker closes the tunnels of every broker s
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import logging
 import re
 import secrets
@@ -25,12 +26,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from broker.config import ConnectorSpec
 from broker.database import NAME_LENGTH, async_url, create_tables, engine_for, metadata
 from broker.keys import bearer
+from wire.endpoints import CREDENTIAL_PREFIX
 
 log = logging.getLogger("remotellm.enrollment")
 
 State = Literal["pending", "approved", "revoked"]
 CODE_PREFIX = "rle_"  # an enrollment code: shown once, typed or pasted on the LLM box
-CREDENTIAL_PREFIX = "rlc_"  # a connector's credential: in its credentials file only
 DEFAULT_TTL = 3600  # seconds a code stays valid
 MAX_TTL = 30 * 86400
 REFRESH_INTERVAL = 1.0  # seconds between reads of the enrolled connectors (revocations of other brokers)
@@ -59,6 +60,7 @@ enrolled_connectors = Table(
     Column("identity", String(64), nullable=False, unique=True),
     Column("credential", String(64), nullable=False, unique=True),  # SHA-256 of the credential, hex
     Column("previous", String(64)),  # the credential before a rotation, until the connector uses the new one
+    Column("rotating", BigInteger),  # when an admin asked for a new credential; NULL: not asked
     Column("models", Text),
     Column("state", String(16), nullable=False),
     Column("created_ms", BigInteger, nullable=False),
@@ -85,7 +87,7 @@ class EnrolledConnector:
     state: State
     created_ms: int
     changed_ms: int
-    rotating: bool  # a new credential is issued and the old one still works
+    rotating: bool  # an admin asked for a new credential; the connector has not made it yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +214,7 @@ class EnrollmentStore:
                     row.state,
                     row.created_ms,
                     row.changed_ms,
-                    row.previous is not None,
+                    row.rotating is not None,
                 ),
                 row.credential,
                 row.previous,
@@ -227,33 +229,32 @@ class EnrollmentStore:
             result = await connection.execute(
                 update(enrolled_connectors)
                 .where(table.name == name, table.state.in_(list(only_from)))
-                .values(state=state, changed_ms=_now_ms(), previous=None)
+                .values(state=state, changed_ms=_now_ms(), previous=None, rotating=None)
             )
         return bool(result.rowcount == 1)
 
-    async def rotate(self, name: str) -> str:
-        """A new credential for ``name``; the old one keeps working until the connector
-        presents the new one (its live tunnels stay up meanwhile)."""
-        credential = CREDENTIAL_PREFIX + secrets.token_urlsafe(32)
+    async def request_rotation(self, name: str) -> bool:
+        """An admin asks for a new credential; False when no approved connector has that name."""
         table = enrolled_connectors.c
         async with self.engine.begin() as connection:
-            current = (
-                await connection.execute(
-                    select(table.credential, table.previous).where(table.name == name, table.state != "revoked")
-                )
-            ).one_or_none()
-            if current is None:
-                raise EnrollmentError(404, "not_found", f"no live enrolled connector is called {name!r}")
-            await connection.execute(
+            result = await connection.execute(
                 update(enrolled_connectors)
-                .where(table.name == name)
-                .values(
-                    credential=digest_hex(credential),
-                    previous=current.previous or current.credential,
-                    changed_ms=_now_ms(),
-                )
+                .where(table.name == name, table.state == "approved")
+                .values(rotating=_now_ms(), changed_ms=_now_ms())
             )
-        return credential
+        return bool(result.rowcount == 1)
+
+    async def rotate(self, name: str, presented: str, new: str) -> bool:
+        """The connector's new credential (``new``, a digest) replaces the one it presented,
+        which keeps working until the new one is used; False unless a rotation was asked."""
+        table = enrolled_connectors.c
+        async with self.engine.begin() as connection:
+            result = await connection.execute(
+                update(enrolled_connectors)
+                .where(table.name == name, table.credential == presented, table.rotating.is_not(None))
+                .values(credential=new, previous=presented, rotating=None, changed_ms=_now_ms())
+            )
+        return bool(result.rowcount == 1)
 
     async def retire_previous(self, name: str) -> None:
         """The connector presented its new credential: the old one stops working."""
@@ -263,10 +264,14 @@ class EnrollmentStore:
 
 
 @dataclass(frozen=True, slots=True)
-class _Entry:
+class Entry:
+    """What one credential digest stands for."""
+
     spec: ConnectorSpec
     state: State
     current: bool  # this digest is the newest credential (not the one before a rotation)
+    rotating: bool  # an admin asked for a new credential
+    superseded: bool  # a rotation left an older credential working, until this one is used
 
 
 def spec_of(connector: EnrolledConnector) -> ConnectorSpec:
@@ -279,31 +284,28 @@ class Enrolled:
     """This broker's copy of the enrolled connectors, keyed by credential digest."""
 
     def __init__(self) -> None:
-        self._by_digest: dict[bytes, _Entry] = {}
+        self._by_digest: dict[bytes, Entry] = {}
         self.rows: list[EnrolledConnector] = []
 
     def replace(self, rows: list[tuple[EnrolledConnector, str, str | None]]) -> set[bytes]:
         """The database's rows; returns the identities no longer approved (their sessions end)."""
         before = {entry.spec.token_digest for entry in self._by_digest.values() if entry.state == "approved"}
-        entries: dict[bytes, _Entry] = {}
+        entries: dict[bytes, Entry] = {}
         for connector, credential, previous in rows:
             spec = spec_of(connector)
-            entries[bytes.fromhex(credential)] = _Entry(spec, connector.state, True)
+            rotating, superseded = connector.rotating, previous is not None
+            entries[bytes.fromhex(credential)] = Entry(spec, connector.state, True, rotating, superseded)
             if previous is not None:
-                entries[bytes.fromhex(previous)] = _Entry(spec, connector.state, False)
+                entries[bytes.fromhex(previous)] = Entry(spec, connector.state, False, rotating, superseded)
         self._by_digest = entries
         self.rows = [connector for connector, _, _ in rows]
         after = {entry.spec.token_digest for entry in entries.values() if entry.state == "approved"}
         return before - after
 
-    def lookup(self, authorization: str | None) -> _Entry | None:
+    def lookup(self, authorization: str | None) -> Entry | None:
         # A dict lookup by digest: the timing tells at most about a SHA-256 digest, never the secret.
         token = bearer(authorization)
         return None if token is None else self._by_digest.get(hashlib.sha256(token.encode()).digest())
-
-    def approved(self, authorization: str | None) -> ConnectorSpec | None:
-        entry = self.lookup(authorization)
-        return entry.spec if entry is not None and entry.state == "approved" else None
 
     def pending(self, authorization: str | None) -> bool:
         entry = self.lookup(authorization)
@@ -314,6 +316,10 @@ class Enrolled:
             if entry.spec.token_digest == identity and entry.state == "approved":
                 return entry.spec
         return None
+
+    def rotating(self, identity: bytes) -> bool:
+        """Whether an admin asked the connector with this identity for a new credential."""
+        return any(entry.rotating for entry in self._by_digest.values() if entry.spec.token_digest == identity)
 
 
 class _Configured(Protocol):
@@ -334,6 +340,7 @@ class Enrollment:
         self._revoke = revoke
         self._task: asyncio.Task[None] | None = None
         self.redeeming = 0  # redemptions in progress (the endpoint bounds them)
+        self._retiring: set[str] = set()  # names whose old credential is being retired
 
     def start(self) -> None:
         self.store = EnrollmentStore.open(self.database)
@@ -360,6 +367,47 @@ class Enrollment:
             self.redeeming -= 1
         await self.refresh()
         return redeemed
+
+    async def rotate(self, authorization: str | None, new: str) -> str:
+        """The connector behind ``authorization`` replaces its credential with ``new`` (asked
+        for by an admin), then confirms by presenting ``new`` itself, which retires the old
+        one; returns its name. Its live sessions go on throughout."""
+        assert self.store is not None
+        token = bearer(authorization)
+        if token is not None and hmac.compare_digest(token.encode(), new.encode()):
+            spec = self.approved(authorization)  # (its first use retires the old credential)
+            if spec is None:
+                raise EnrollmentError(401, "invalid_token", "Unknown connector credential.")
+            return spec.name
+        entry = self.enrolled.lookup(authorization)
+        if token is None or entry is None or entry.state != "approved" or not entry.current:
+            raise EnrollmentError(401, "invalid_token", "Unknown connector credential.")
+        if not await self.store.rotate(entry.spec.name, digest_hex(token), digest_hex(new)):
+            raise EnrollmentError(409, "not_rotating", "No new credential was asked for.")
+        await self.refresh()
+        return entry.spec.name
+
+    def approved(self, authorization: str | None) -> ConnectorSpec | None:
+        """The spec of the approved connector presenting this credential, else None. The first
+        use of a rotated credential retires the one before it."""
+        entry = self.enrolled.lookup(authorization)
+        if entry is None or entry.state != "approved":
+            return None
+        if entry.current and entry.superseded and entry.spec.name not in self._retiring:
+            self._retiring.add(entry.spec.name)
+            task = asyncio.ensure_future(self._retire(entry.spec.name))
+            task.add_done_callback(lambda _: self._retiring.discard(entry.spec.name))
+        return entry.spec
+
+    async def _retire(self, name: str) -> None:
+        assert self.store is not None
+        try:
+            await self.store.retire_previous(name)
+            await self.refresh()
+        except (SQLAlchemyError, OSError) as exc:  # tried again at the next use
+            log.warning("enrollment: the old credential of %s is not retired yet (%s)", name, type(exc).__name__)
+        else:
+            log.info("connector %s uses its new credential; the old one no longer works", name)
 
     async def refresh(self) -> None:
         assert self.store is not None  # started with the app

@@ -67,10 +67,17 @@ class Hub:
         index = find_secret(token, self._token_digests)
         if index is not None:
             return self.settings.connectors[index]
-        spec = self.enrollment.enrolled.approved(authorization)
+        spec = self.enrollment.approved(authorization)
         if spec is None:
             self.metrics.auth_failures.labels("tunnel").inc()
         return spec
+
+    def recycle_polls(self, identity: bytes) -> None:
+        """The polls of this connector's sessions end; each comes back at once on the same
+        session (a resume: nothing in flight is lost), and reads its response's headers anew."""
+        for session in self.sessions:
+            if session.spec.token_digest == identity:
+                session.detach_poll(session.poll_generation)
 
     def revoke(self, identities: set[bytes]) -> None:
         """The sessions of these connectors (by ``token_digest``) end now: revoked, or no longer approved."""

@@ -23,7 +23,7 @@ from broker.accounting import Accounting
 from broker.affinity import MemoryAffinity
 from broker.asgi import Receive, Scope, Send
 from broker.edge import CanonicalTarget
-from broker.enroll_api import enroll
+from broker.enroll_api import enroll, rotate
 from broker.errors import error_body
 from broker.hub import Hub
 from broker.metrics import CONTENT_TYPE
@@ -33,7 +33,7 @@ from broker.settings import Settings
 from broker.usage import usage_query
 from broker.users import Caller, User
 from wire import POLL_PATH, REGISTER_PATH, REPLY_PATH
-from wire.endpoints import ENROLL_PATH
+from wire.endpoints import ENROLL_PATH, ROTATE_PATH
 
 
 class _TunnelEndpoint:
@@ -211,6 +211,7 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
         Route(POLL_PATH, _TunnelEndpoint(hub, tunnel_api.poll), methods=["GET"]),
         Route(REPLY_PATH, _TunnelEndpoint(hub, tunnel_api.reply), methods=["POST"]),
         Route(ENROLL_PATH, enroll, methods=["POST"]),
+        Route(ROTATE_PATH, rotate, methods=["POST"]),
         *console.routes(),
     ]
     app = Starlette(

@@ -22,6 +22,7 @@ from wire import (
     decode_all,
     encode,
 )
+from wire.endpoints import ROTATE_HEADER
 
 log = logging.getLogger("remotellm.tunnel")
 _FRAMES_HEADERS = [
@@ -37,6 +38,13 @@ SHORT_POLL_WAIT = 5.0  # an idle short poll returns after this long (or the ping
 def _remote(scope: Scope) -> str:
     client = scope.get("client")
     return f"{client[0]}:{client[1]}" if client else "?"
+
+
+def _poll_headers(hub: Hub, session: Session) -> list[tuple[bytes, bytes]]:
+    """A poll's response head; it asks an enrolled connector for a new credential when an admin did."""
+    if hub.enrollment.enrolled.rotating(session.spec.token_digest):
+        return [*_FRAMES_HEADERS, (ROTATE_HEADER.encode(), b"1")]
+    return _FRAMES_HEADERS
 
 
 def _proxy(scope: Scope) -> str | None:
@@ -125,7 +133,7 @@ async def poll(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
     if short:
         await _short_poll(hub, session, send, generation)
         return
-    await send({"type": "http.response.start", "status": 200, "headers": _FRAMES_HEADERS})
+    await send({"type": "http.response.start", "status": 200, "headers": _poll_headers(hub, session)})
     lost = asyncio.Event()
     watcher = asyncio.ensure_future(_watch(receive, session, generation, lost))
     settings = hub.settings
@@ -151,7 +159,7 @@ async def _short_poll(hub: Hub, session: Session, send: Send, generation: int) -
         data = await session.next_write(generation, wait, time.monotonic() + wait)
     finally:
         session.detach_poll(generation)
-    await send({"type": "http.response.start", "status": 200, "headers": _FRAMES_HEADERS})
+    await send({"type": "http.response.start", "status": 200, "headers": _poll_headers(hub, session)})
     await send({"type": "http.response.body", "body": data or session.first_write(), "more_body": False})
 
 

@@ -19,6 +19,7 @@ import msgspec
 from connector.links import make_client
 from connector.llm import Forbidden, LLMClient
 from connector.path import PathProfile
+from connector.rotation import Rotation
 from connector.settings import Settings
 from connector.uplink import UplinkError, upload
 from connector.usage_meter import UsageMeter, prepare
@@ -46,6 +47,7 @@ from wire import (
     Request,
     Welcome,
 )
+from wire.endpoints import ROTATE_HEADER
 
 log = logging.getLogger("remotellm.connector")
 
@@ -87,12 +89,14 @@ class Session:
         path: PathProfile,
         auth: dict[str, str],
         welcome: Welcome,
+        rotation: Rotation | None = None,
     ) -> None:
         self.settings = settings
         self.llm = llm
         self.status = status
         self.path = path
         self.welcome = welcome
+        self.rotation = rotation
         self.headers = {**auth, SESSION_HEADER: welcome.session}
         self.conn = ConnectorConnection(Limits(max_streams=settings.max_requests))
         self.tasks: dict[int, asyncio.Task[None]] = {}
@@ -223,11 +227,17 @@ class Session:
         self._feed(reader, response.content)
         reader.finish()
 
+    def _use_credential(self, credential: str) -> None:
+        """A rotated credential: the next poll and uplink present it."""
+        self.headers["authorization"] = f"Bearer {credential}"
+
     def _check(self, response: httpx.Response) -> None:
         if response.status_code == 401:
             raise SessionLost(f"the broker answered a poll with 401: {error_message(response)}")
         if response.status_code != 200:
             raise Refused(f"poll answered {response.status_code}: {error_message(response)}")
+        if response.headers.get(ROTATE_HEADER) and self.rotation is not None:
+            self.rotation.requested(self._use_credential)
         self._lost_since = None
         status = self.status
         protocol = self.path.describe(response.http_version)

@@ -18,6 +18,7 @@ from connector import __version__
 from connector.links import make_client
 from connector.llm import LLMClient
 from connector.path import PathProfile
+from connector.rotation import Rotation
 from connector.session import Refused, Session, SessionLost, Status, error_message
 from connector.settings import Settings
 from connector.uplink import UplinkError
@@ -47,7 +48,7 @@ class Tunnel:
         self.llm = llm
         self.status = status
         self.connector_id = uuid.uuid4().hex
-        self.auth = {"authorization": f"Bearer {settings.token}"}
+        self.rotation = Rotation(settings)  # (it owns the Authorization header: a rotation replaces it)
         self.path = PathProfile(settings)
         self._current: Session | None = None
         self._winding_down: set[asyncio.Task[None]] = set()
@@ -61,7 +62,9 @@ class Tunnel:
             winding_down = False
             try:
                 welcome = await self._register()
-                session = self._current = Session(self.settings, self.llm, self.status, self.path, self.auth, welcome)
+                session = self._current = Session(
+                    self.settings, self.llm, self.status, self.path, self.rotation.auth, welcome, self.rotation
+                )
                 await session.serve()
                 # The broker is draining: its replies finish in the background, we move on.
                 task = asyncio.create_task(session.finish(DRAIN_TIMEOUT))
@@ -114,7 +117,7 @@ class Tunnel:
                 response = await client.post(
                     self.settings.broker_url + REGISTER_PATH,
                     content=encode(hello),
-                    headers={**self.auth, "content-type": FRAMES_CONTENT_TYPE},
+                    headers={**self.rotation.auth, "content-type": FRAMES_CONTENT_TYPE},
                 )
         except httpx.RemoteProtocolError:
             self.path.observe_h2c_refused()

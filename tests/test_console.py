@@ -5,6 +5,7 @@ headless Chromium driven by selenium. A screenshot of every page lands in the te
 directory (and in $REMOTELLM_SCREENSHOTS).
 """
 
+import json
 import shutil
 import stat
 import subprocess
@@ -248,3 +249,30 @@ def test_the_cookie_is_secure_under_tls(stack: Stack, tmp_path: Path, ca: trustm
         driver.quit()
     assert proc.alive
     assert ADMIN not in proc.log() and cookie["value"] not in proc.log()
+
+
+def test_rotating_a_credential_keeps_the_tunnel_and_retires_the_old_one(
+    stack: Stack, browser: webdriver.Chrome, tmp_path: Path
+) -> None:
+    broker = stack.broker(CONFIG, user_keys=(USER,))
+    llm = stack.llm("m-rot")
+    code = make_code(tmp_path / "broker-usage.db", "box-rot")
+    credentials = tmp_path / "rot.json"
+    connector = enroll(stack, broker, code, llm, credentials, "connector-rot")
+    old = credentials.read_text() if wait_until(credentials.exists, timeout=START, what="the file") else ""
+    sign_in(browser, broker.url, ADMIN)
+    wait_for(browser, lambda d: connected_names(d) == ["box-rot"], START, "box-rot connected")
+    browser.find_element(By.CSS_SELECTOR, '#enrolled tr[data-enrolled="box-rot"] button[name=rotate]').click()
+    wait_until(lambda: "credential rotated" in connector.log(), timeout=START, what="the rotation")
+    wait_until(lambda: "no longer works" in broker.proc.log(), timeout=START, what="the old credential retired")
+    assert credentials.read_text() != old and stat.S_IMODE(credentials.stat().st_mode) == 0o600
+    assert broker.proc.log().count("registered") == 1 and "dropped" not in broker.proc.log()  # the same tunnel
+    assert chat(broker, "m-rot").status_code == 200
+    old_credential = json.loads(old)["credential"]
+    refused = httpx.post(broker.url + "/tunnel/v1/register", headers={"authorization": f"Bearer {old_credential}"})
+    assert refused.status_code == 401
+    wait_for(
+        browser, lambda d: "Rotate credential" in text(d, '#enrolled tr[data-enrolled="box-rot"]'), PAGE_UPDATE, "done"
+    )
+    screenshot(browser, tmp_path, "14-rotated")
+    assert old_credential not in broker.proc.log() and old_credential not in connector.log()

@@ -208,20 +208,30 @@ async def api(request: Request) -> Response:
 
 
 async def connector_action(request: Request) -> Response:
-    """Approve a pending connector, or revoke one (its tunnels close at once)."""
+    """Approve a pending connector, revoke one (its tunnels close at once), or ask one for a
+    new credential (its tunnels stay up)."""
     posted = await _posted(request)
     if isinstance(posted, Response):
         return posted
     session, _ = posted
     name, action = request.path_params["name"], request.path_params["action"]
-    if action not in ACTIONS:
+    if action not in (*ACTIONS, "rotate"):
         return _error_page(request, 404, "No such action.", session)
-    state, only_from = ACTIONS[action]
-    enrollment = _hub(request).enrollment
-    assert enrollment.store is not None
-    if not await enrollment.store.set_state(name, state, only_from=only_from):  # type: ignore[arg-type]
+    hub = _hub(request)
+    store = hub.enrollment.store
+    assert store is not None
+    if action == "rotate":
+        done, state = await store.request_rotation(name), "asked for a new credential"
+    else:
+        state, only_from = ACTIONS[action]
+        done = await store.set_state(name, state, only_from=only_from)  # type: ignore[arg-type]
+    if not done:
         return _error_page(request, 404, f"No enrolled connector {name[:64]!r} can be {state} now.", session)
-    await enrollment.refresh()
+    await hub.enrollment.refresh()
+    if action == "rotate":  # its polls come back at once, and their answer asks for the new credential
+        for connector in hub.enrollment.enrolled.rows:
+            if connector.name == name:
+                hub.recycle_polls(bytes.fromhex(connector.identity))
     log.info("console: connector %s %s", name, state)
     return _redirect("/admin/connectors")
 
