@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from broker.config import ConfigError, parse
 from connector.credentials import read_credential, write_credential
 from tests.servers import PostgresServer, postgres_workdir, start_postgres
 from tests.support import BrokerHandle, Stack, wait_until
@@ -207,3 +208,29 @@ def test_an_enrolled_connector_survives_a_reload_and_needs_only_its_file(stack: 
     answer = httpx.post(broker.url + "/v1/chat/completions", json={"model": "m-enrolled", "messages": []},
                         headers={"authorization": "Bearer sk-another"}, timeout=10)  # fmt: skip
     assert answer.status_code == 200
+
+
+def test_a_revocation_on_one_broker_closes_the_tunnel_on_another(stack: Stack, tmp_path: Path) -> None:
+    shared = {"REMOTELLM_DATABASE": str(tmp_path / "shared.db")}
+    first = stack.broker(CONFIG, env=shared, name="broker-a")
+    second = stack.broker(CONFIG, env=shared, name="broker-b")
+    code = code_of(make_code(shared["REMOTELLM_DATABASE"], "roamer", "--models", "m-roam"))
+    credentials = tmp_path / "roamer.json"
+    args = ["--enroll", code, "--credentials-file", str(credentials), "--broker-url", second.url]
+    stack.spawn("connector", [sys.executable, "-m", "connector", *args, "--llm-url", stack.llm("m-roam")])
+    second.wait_models("m-roam", timeout=START)
+    with httpx.Client() as client:
+        sign_in(client, first)
+        page = client.get(first.url + "/admin/connectors").text
+        token = re.search(r'name="csrf" value="([^"]+)"', page)
+        assert token is not None and 'data-enrolled="roamer"' in page
+        revoked = client.post(first.url + "/admin/connectors/roamer/revoke", data={"csrf": token.group(1)})
+    assert revoked.status_code == 303
+    wait_until(lambda: second.health()["connectors"] == 0, timeout=2.0, interval=0.05, what="the tunnel on broker b")
+
+
+def test_require_approval_is_a_boolean_of_connectors_yaml() -> None:
+    assert parse("require_approval: true\n").require_approval is True
+    assert parse("connectors: []\n").require_approval is False
+    with pytest.raises(ConfigError, match=r"<config>:2: require_approval must be true or false"):
+        parse("connectors: []\nrequire_approval: sometimes\n")
