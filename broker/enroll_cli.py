@@ -8,9 +8,9 @@ from collections.abc import Mapping, Sequence
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from broker.database import DEFAULT_DATABASE, async_url, shown
+from broker.database import async_url, shown
 from broker.enrollment import DEFAULT_TTL, EnrollmentError, EnrollmentStore, check_name, check_ttl, parse_models
-from broker.usage_cli import DATABASE_ENV
+from broker.usage_cli import add_database_option, database_of
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,15 +21,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", required=True, help="the new connector's name")
     parser.add_argument("--models", default="", help="models it may serve, comma-separated (default: any)")
     parser.add_argument("--ttl", type=float, default=DEFAULT_TTL, help="seconds the code stays valid (%(default)s)")
-    parser.add_argument(
-        "--database", help=f"a SQLite path or postgresql:// URL (default: ${DATABASE_ENV}, else {DEFAULT_DATABASE})"
-    )
+    add_database_option(parser)
     return parser
 
 
 def enroll_main(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> int:
     args = _parser().parse_args(argv)
-    database = args.database or environ.get(DATABASE_ENV) or DEFAULT_DATABASE
+    database = database_of(args, environ)
     try:
         url = async_url(database)
         name, models, ttl = check_name(args.name), parse_models(args.models), check_ttl(args.ttl)

@@ -8,7 +8,6 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,7 +16,6 @@ import pytest
 
 from broker.config import ConfigError, parse
 from connector.credentials import read_credential, write_credential
-from tests.servers import PostgresServer, postgres_workdir, start_postgres
 from tests.support import BrokerHandle, Stack, wait_until
 
 ADMIN = "sk-admin-enroll"
@@ -25,18 +23,6 @@ USER = "sk-user"
 CONFIG = f"admin_api_keys: [{ADMIN}]\nconnectors:\n  - name: yaml-box\n    token: ct-yaml\n    models: [m-yaml]\n"
 ENROLL = "/tunnel/v1/enroll"
 START = 30.0
-
-
-@pytest.fixture(scope="module")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
-    stack = Stack(tmp_path_factory.mktemp("postgres-logs"))
-    with postgres_workdir() as workdir:
-        server = start_postgres(stack, workdir)
-        try:
-            yield server
-        finally:
-            server.stop()
-            stack.close()
 
 
 def make_code(database: str, name: str, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -221,9 +207,14 @@ def test_a_revocation_on_one_broker_closes_the_tunnel_on_another(stack: Stack, t
     second.wait_models("m-roam", timeout=START)
     with httpx.Client() as client:
         sign_in(client, first)
-        page = client.get(first.url + "/admin/connectors").text
+
+        def knows_roamer() -> str:  # broker a reads the enrolled connectors again every second
+            page = client.get(first.url + "/admin/connectors").text
+            return page if 'data-enrolled="roamer"' in page else ""
+
+        page = wait_until(knows_roamer, what="broker a to know the connector")
         token = re.search(r'name="csrf" value="([^"]+)"', page)
-        assert token is not None and 'data-enrolled="roamer"' in page
+        assert token is not None
         revoked = client.post(first.url + "/admin/connectors/roamer/revoke", data={"csrf": token.group(1)})
     assert revoked.status_code == 303
     wait_until(lambda: second.health()["connectors"] == 0, timeout=2.0, interval=0.05, what="the tunnel on broker b")

@@ -32,6 +32,8 @@ from broker.logs import log
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")
 PAGES = ("connectors", "models", "usage", "live", "enroll")
+# Pages that are one live part under a title (live_page.html); the others have their own template.
+TITLES = {"connectors": "Connectors", "models": "Models", "live": "Live requests"}
 LIVE = frozenset({"connectors", "models", "usage", "live"})  # pages with a part fetched again and again
 FORM_LIMIT = 8192  # bytes of a console form
 SECURITY_HEADERS = {
@@ -171,7 +173,8 @@ async def page(request: Request) -> Response:
     if session is None:
         return _redirect("/admin")
     data = await _data(request, name)
-    return _render(request, f"{name}.html", {"page": name, "data": data}, session=session)
+    template = "live_page.html" if name in TITLES else f"{name}.html"
+    return _render(request, template, {"page": name, "title": TITLES.get(name), "data": data}, session=session)
 
 
 async def fragment(request: Request) -> Response:

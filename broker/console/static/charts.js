@@ -38,9 +38,8 @@ function draw(element, times, named) {
 
 async function update(container) {
   try {
-    const response = await fetch(container.dataset.source, { credentials: "same-origin", cache: "no-store" });
-    if (response.status === 401) {
-      window.location.assign("/admin");
+    const response = await consoleFetch(container.dataset.source);  // (console.js)
+    if (!response || !response.ok) {
       return;
     }
     const data = await response.json();

@@ -3,19 +3,26 @@
 "use strict";
 
 const REFRESH_MS = 1000;
+const shown = new WeakMap();  // what each live element shows now: unchanged HTML is not swapped in
+
+// A console fetch: null when signed out (the browser is then sent to the sign-in page).
+async function consoleFetch(url) {
+  const response = await fetch(url, { credentials: "same-origin", cache: "no-store" });
+  if (response.status === 401) {
+    window.location.assign("/admin");
+    return null;
+  }
+  return response;
+}
 
 async function refresh(element) {
   try {
-    const response = await fetch(element.dataset.live, { credentials: "same-origin", cache: "no-store" });
-    if (response.status === 401) {
-      window.location.assign("/admin");
-      return;
-    }
-    if (response.ok) {
+    const response = await consoleFetch(element.dataset.live);
+    if (response && response.ok) {
       const html = await response.text();
-      if (html !== element.dataset.shown) {
+      if (html !== shown.get(element)) {
         element.innerHTML = html;
-        element.dataset.shown = html;
+        shown.set(element, html);
       }
     }
   } catch (error) {
