@@ -18,10 +18,13 @@ from selenium import webdriver
 from selenium.webdriver.common.by import By
 
 from tests.browser import browser, chromium, screenshot, sign_in, text, wait_for
+from tests.proxies import Proxies
 from tests.support import BrokerHandle, Proc, Stack, free_port, wait_until
+from tests.test_proxies import proxies
 from tests.test_tls import ca, trusting
+from wire import FRAMES_CONTENT_TYPE, REGISTER_PATH, Hello, encode
 
-__all__ = ["browser", "ca"]  # fixtures
+__all__ = ["browser", "ca", "proxies"]  # fixtures
 
 ADMIN = "sk-admin-console"
 USER = "sk-user"
@@ -276,3 +279,31 @@ def test_rotating_a_credential_keeps_the_tunnel_and_retires_the_old_one(
     )
     screenshot(browser, tmp_path, "14-rotated")
     assert old_credential not in broker.proc.log() and old_credential not in connector.log()
+
+
+def test_the_console_names_the_proxy_a_connector_came_through(stack: Stack, proxies: Proxies) -> None:
+    broker = stack.broker(CONFIG, user_keys=(USER,))
+    squid = proxies.squid()
+    args = ["--broker-url", broker.url, "--token", "ct-yaml", "--llm-url", stack.llm("m-yaml"), "--proxy", squid.url]
+    stack.spawn("connector", [sys.executable, "-m", "connector", *args])
+    broker.wait_models("m-yaml", timeout=START)
+    admin = {"authorization": f"Bearer {ADMIN}"}
+    (row,) = httpx.get(broker.url + "/admin/api/connectors", headers=admin).json()["connectors"]
+    assert "squid" in row["proxy"] and row["transport"].startswith("HTTP/1.1")
+    # What a proxy (or anyone) writes in Via is shown as text, never as markup.
+    hostile = '<img src=x id="injected">'
+    hello = encode(Hello("hostile-1", "0", ["m-yaml"]))
+    headers = {"authorization": "Bearer ct-yaml", "via": hostile, "content-type": FRAMES_CONTENT_TYPE}
+    assert httpx.post(broker.url + REGISTER_PATH, content=hello, headers=headers).status_code == 200
+    with httpx.Client() as client:
+        client.cookies.set("remotellm_console", _console_cookie(broker))
+        page = client.get(broker.url + "/admin/connectors").text
+    assert "&lt;img src=x id=&#34;injected&#34;&gt;" in page and hostile not in page
+
+
+def _console_cookie(broker: BrokerHandle) -> str:
+    with httpx.Client() as client:
+        page = client.get(broker.url + "/admin").text
+        token = page.split('name="csrf" value="')[1].split('"')[0]
+        assert client.post(broker.url + "/admin/login", data={"csrf": token, "key": ADMIN}).status_code == 303
+        return str(client.cookies["remotellm_console"])

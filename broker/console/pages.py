@@ -44,6 +44,7 @@ SECURITY_HEADERS = {
     "referrer-policy": "no-referrer",
     "cache-control": "no-store",
 }
+REASONS = {400: "Bad request", 403: "Refused", 404: "Not found", 409: "Conflict", 503: "Unavailable"}
 ACTIONS = {"approve": ("approved", ("pending",)), "revoke": ("revoked", ("pending", "approved"))}
 
 
@@ -66,7 +67,8 @@ def _render(
 
 
 def _error_page(request: Request, status: int, message: str, session: ConsoleSession | None = None) -> Response:
-    return _render(request, "error.html", {"status": status, "message": message, "page": ""}, status, session)
+    context = {"status": status, "reason": REASONS.get(status, "Error"), "message": message, "page": ""}
+    return _render(request, "error.html", context, status, session)
 
 
 def _redirect(to: str) -> Response:
