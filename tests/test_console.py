@@ -60,6 +60,10 @@ def connected_names(driver: webdriver.Chrome) -> list[str]:
     ]
 
 
+def row_of(driver: webdriver.Chrome, name: str) -> str:
+    return str(driver.find_element(By.CSS_SELECTOR, f'#connectors tr[data-connector="{name}"]').text)
+
+
 def enrolled_state(driver: webdriver.Chrome, name: str) -> str:
     rows = driver.find_elements(By.CSS_SELECTOR, f'#enrolled tr[data-enrolled="{name}"]')
     return (rows[0].get_attribute("data-state") or "") if rows else ""
@@ -75,7 +79,7 @@ def chat(broker: BrokerHandle, model: str) -> httpx.Response:
 def test_live_pages_show_connectors_models_usage_and_requests(
     stack: Stack, browser: webdriver.Chrome, tmp_path: Path
 ) -> None:
-    broker = stack.broker(CONFIG, user_keys=(USER,))
+    broker = stack.broker(CONFIG, user_keys=(USER,), env={"REMOTELLM_PING_INTERVAL": "1"})  # round trips soon
     llm = stack.llm("m-yaml")
     browser.get(broker.url + "/admin")
     screenshot(browser, tmp_path, "01-login")
@@ -91,10 +95,12 @@ def test_live_pages_show_connectors_models_usage_and_requests(
 
     connector = stack.connector(broker.url, "ct-yaml", llm, "m-yaml")
     wait_until(lambda: "tunnel up" in connector.log(), timeout=START, what="the tunnel")
-    wait_for(browser, lambda d: connected_names(d) == ["yaml-box"], PAGE_UPDATE, "the connector on the page")
-    row = browser.find_element(By.CSS_SELECTOR, '#connectors tr[data-connector="yaml-box"]').text
-    assert "HTTP/2" in row and "m-yaml" in row and "0 / " in row
+    wait_for(browser, lambda d: "HTTP/2" in row_of(d, "yaml-box"), PAGE_UPDATE, "the connector on the page")
+    assert "m-yaml" in row_of(browser, "yaml-box") and "0 / " in row_of(browser, "yaml-box")
     assert "connected" in text(browser, "#history")
+    wait_for(
+        browser, lambda d: " ms" in d.find_element(By.CSS_SELECTOR, "#connectors tbody tr").text, 10, "a round trip"
+    )
     screenshot(browser, tmp_path, "03-connectors")
 
     browser.get(broker.url + "/admin/usage")
@@ -106,6 +112,11 @@ def test_live_pages_show_connectors_models_usage_and_requests(
     wait_for(browser, lambda d: int(chart.get_attribute("data-total") or 0) > 0, 15, "the chart to count the tokens")
     wait_for(browser, lambda d: "(unnamed)" in text(d, "#top"), 10, "the top consumers")
     screenshot(browser, tmp_path, "04-usage")
+    browser.find_element(By.LINK_TEXT, "Last day, per hour").click()
+    wait_for(
+        browser, lambda d: int(d.find_element(By.ID, "chart-by_user").get_attribute("data-total") or 0) > 0, 10, "a day"
+    )
+    screenshot(browser, tmp_path, "04-usage-day")
 
     browser.get(broker.url + "/admin/models")
     row = wait_for(

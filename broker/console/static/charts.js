@@ -30,6 +30,7 @@ function draw(element, times, named) {
     height: 220,
     series: [{}, ...names.map((name, i) => ({ label: name, stroke: COLORS[i % COLORS.length], width: 2 }))],
     legend: { live: false },
+    tzDate: (seconds) => uPlot.tzDate(new Date(seconds * 1000), "Etc/UTC"),  // UTC, like every table
     axes: [{ space: 70 }, { size: 60 }],
     scales: { y: { range: (u, min, max) => [0, Math.max(1, max * 1.1)] } },
   };
