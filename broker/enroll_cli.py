@@ -39,6 +39,9 @@ def enroll_main(argv: Sequence[str], environ: Mapping[str, str] = os.environ) ->
     except (SQLAlchemyError, OSError) as exc:
         print(f"enroll: cannot write {shown(url)}: {type(exc).__name__}", file=sys.stderr)
         return 1
+    except EnrollmentError as exc:
+        print(f"enroll: {exc}", file=sys.stderr)
+        return 1
     print(f"enrollment code for connector {name!r}, valid {ttl} s, for one use:")
     print(code)
     return 0

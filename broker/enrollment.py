@@ -155,7 +155,11 @@ class EnrollmentStore:
         code = CODE_PREFIX + secrets.token_urlsafe(24)
         now = _now_ms()
         row = {"digest": digest_hex(code), "name": name, "models": _models_text(models), "created_ms": now}
+        table = enrolled_connectors.c
         async with self.engine.begin() as connection:
+            live = select(table.name).where(table.name == name, table.state != "revoked")
+            if (await connection.execute(live)).first() is not None:
+                raise EnrollmentError(409, "name_taken", f"an enrolled connector is called {name!r} already")
             await connection.execute(delete(enrollment_codes).where(enrollment_codes.c.expires_ms < now))
             await connection.execute(insert(enrollment_codes).values(**row, expires_ms=now + ttl * 1000))
         return code

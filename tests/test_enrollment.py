@@ -131,6 +131,8 @@ def test_a_sign_in_needs_the_forms_token_and_a_session_expires(stack: Stack, tmp
         assert client.post(broker.url + "/admin/login", data={"key": ADMIN}).status_code == 403  # no form token
         sign_in(client, broker)
         assert client.get(broker.url + "/admin/api/connectors").status_code == 200
+        flood = client.post(broker.url + "/admin/enroll", data={f"f{i}": "x" for i in range(25)})
+        assert flood.status_code == 400 and "too large" in flood.text
         with sqlite3.connect(sqlite_of(tmp_path)) as db:  # the session's end comes (8 h, here at once)
             db.execute("UPDATE console_sessions SET expires_ms = 0")
         assert client.get(broker.url + "/admin/api/connectors").status_code == 401
@@ -182,6 +184,8 @@ def test_an_enrolled_connector_survives_a_reload_and_needs_only_its_file(stack: 
             "--broker-url", broker.url, "--llm-url", llm]  # fmt: skip
     first = stack.spawn("connector-enroll", [*args, "--enroll", code])
     broker.wait_models("m-enrolled", timeout=START)
+    taken = make_code(sqlite_of(tmp_path), "enrolled")
+    assert taken.returncode == 1 and "already" in taken.stderr
     first.stop()
     wait_until(lambda: broker.health()["connectors"] == 0, what="the first run to leave")
     again = stack.spawn("connector-again", args, env={"REMOTELLM_CONNECTOR_TOKEN": ""})

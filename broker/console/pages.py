@@ -83,7 +83,10 @@ async def _form(request: Request) -> dict[str, str] | None:
         return None
     if body is None:
         return None
-    return dict(parse_qsl(body.decode("utf-8", "replace"), max_num_fields=20))
+    try:
+        return dict(parse_qsl(body.decode("utf-8", "replace"), max_num_fields=20))
+    except ValueError:  # more fields than any console form has
+        return None
 
 
 async def _session(request: Request) -> ConsoleSession | None:
@@ -259,7 +262,10 @@ async def enroll(request: Request) -> Response:
         return _error_page(request, 409, f"A configured connector is called {name!r} already.", session)
     store = _hub(request).enrollment.store
     assert store is not None
-    code = await store.create_code(name, models, ttl)
+    try:
+        code = await store.create_code(name, models, ttl)
+    except EnrollmentError as exc:
+        return _error_page(request, exc.status, str(exc), session)
     log.info("console: enrollment code made for connector %s (valid %d s)", name, ttl)
     context = {"page": "enroll", "data": {}, "code": code, "name": name, "ttl": ttl, "broker_url": _base_url(request)}
     return _render(request, "enroll.html", context, session=session)

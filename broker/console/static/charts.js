@@ -28,6 +28,7 @@ function draw(element, times, named) {
   const options = {
     width: element.clientWidth || 600,
     height: 220,
+    padding: [12, 24, 0, 0],  // room for the last time label
     series: [{}, ...names.map((name, i) => ({ label: name, stroke: COLORS[i % COLORS.length], width: 2 }))],
     legend: { live: false },
     tzDate: (seconds) => uPlot.tzDate(new Date(seconds * 1000), "Etc/UTC"),  // UTC, like every table
