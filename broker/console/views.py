@@ -71,6 +71,7 @@ def connectors(hub: Hub) -> dict[str, Any]:
             "name": c.name,
             "state": c.state,
             "models": list(c.models or ()),
+            "enrolled": when(c.created_ms / 1000),
             "since": when(c.changed_ms / 1000),
             "rotating": c.rotating,
         }
