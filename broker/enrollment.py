@@ -9,7 +9,6 @@ its own changes: a revocation on one broker closes the tunnels of every broker s
 
 import asyncio
 import contextlib
-import hashlib
 import hmac
 import logging
 import re
@@ -25,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.config import ConnectorSpec
 from broker.database import NAME_LENGTH, async_url, create_tables, engine_for, metadata
-from broker.keys import bearer
+from broker.keys import bearer, digest_of
 from wire.endpoints import CREDENTIAL_PREFIX
 
 log = logging.getLogger("remotellm.enrollment")
@@ -98,7 +97,7 @@ class Redeemed:
 
 
 def digest_hex(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
+    return digest_of(secret).hex()
 
 
 def check_name(name: str) -> str:
@@ -309,7 +308,7 @@ class Enrolled:
     def lookup(self, authorization: str | None) -> Entry | None:
         # A dict lookup by digest: the timing tells at most about a SHA-256 digest, never the secret.
         token = bearer(authorization)
-        return None if token is None else self._by_digest.get(hashlib.sha256(token.encode()).digest())
+        return None if token is None else self._by_digest.get(digest_of(token))
 
     def pending(self, authorization: str | None) -> bool:
         entry = self.lookup(authorization)

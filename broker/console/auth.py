@@ -6,7 +6,6 @@ and Secure when the console is served over TLS. A form post without the session'
 is refused whatever its cookie: SameSite is the first guard, the token the second.
 """
 
-import hashlib
 import hmac
 import secrets
 import time
@@ -18,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from broker.database import metadata
+from broker.enrollment import digest_hex
 
 COOKIE = "remotellm_console"
 LOGIN_COOKIE = "remotellm_login"  # the login form's double-submit token (no session yet)
@@ -42,10 +42,6 @@ class ConsoleSession:
     expires_ms: int
 
 
-def _digest(value: str) -> str:
-    return hashlib.sha256(value.encode()).hexdigest()
-
-
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -57,7 +53,7 @@ async def open_session(engine: AsyncEngine) -> tuple[str, ConsoleSession]:
     async with engine.begin() as connection:
         await connection.execute(delete(console_sessions).where(console_sessions.c.expires_ms < _now_ms()))
         await connection.execute(
-            insert(console_sessions).values(digest=_digest(value), csrf=csrf, expires_ms=session.expires_ms)
+            insert(console_sessions).values(digest=digest_hex(value), csrf=csrf, expires_ms=session.expires_ms)
         )
     return value, session
 
@@ -71,7 +67,9 @@ async def find_session(engine: AsyncEngine, request: Request) -> ConsoleSession 
     async with engine.connect() as connection:
         row = (
             await connection.execute(
-                select(table.csrf, table.expires_ms).where(table.digest == _digest(value), table.expires_ms > _now_ms())
+                select(table.csrf, table.expires_ms).where(
+                    table.digest == digest_hex(value), table.expires_ms > _now_ms()
+                )
             )
         ).one_or_none()
     return None if row is None else ConsoleSession(row.csrf, row.expires_ms)
@@ -81,7 +79,7 @@ async def close_session(engine: AsyncEngine, request: Request) -> None:
     value = request.cookies.get(COOKIE, "")
     if value and len(value) <= MAX_COOKIE:
         async with engine.begin() as connection:
-            await connection.execute(delete(console_sessions).where(console_sessions.c.digest == _digest(value)))
+            await connection.execute(delete(console_sessions).where(console_sessions.c.digest == digest_hex(value)))
 
 
 def csrf_ok(expected: str, presented: str | None) -> bool:
