@@ -229,3 +229,27 @@ def test_require_approval_is_a_boolean_of_connectors_yaml() -> None:
     assert parse("connectors: []\n").require_approval is False
     with pytest.raises(ConfigError, match=r"<config>:2: require_approval must be true or false"):
         parse("connectors: []\nrequire_approval: sometimes\n")
+
+
+def test_the_admin_api_enrolls_and_revokes_with_an_admin_key_only(stack: Stack) -> None:
+    broker = stack.broker(CONFIG, user_keys=(USER,))
+    url, admin = broker.url + "/admin/api", {"authorization": f"Bearer {ADMIN}"}
+    asked = {"name": "scripted", "models": ["m-1"], "ttl": 60}
+    assert httpx.post(url + "/enroll", json=asked).status_code == 401
+    assert httpx.post(url + "/enroll", json=asked, headers={"authorization": f"Bearer {USER}"}).status_code == 403
+    for bad in ({"name": "no spaces"}, {"name": "x", "ttl": -1}, {"name": "x", "models": ["a b"]}, {"nom": "x"}):
+        refused = httpx.post(url + "/enroll", json=bad, headers=admin)
+        assert refused.status_code == 400 and set(refused.json()["error"]) == {"message", "type", "code"}
+    assert httpx.post(url + "/enroll", json={"name": "yaml-box"}, headers=admin).status_code == 409
+    made = httpx.post(url + "/enroll", json=asked, headers=admin)
+    assert made.status_code == 200 and made.json()["ttl"] == 60
+    assert made.json()["code"] not in broker.proc.log()
+    redeemed = httpx.post(broker.url + ENROLL, json={"code": made.json()["code"]})
+    assert redeemed.status_code == 200 and redeemed.json()["name"] == "scripted"
+    with httpx.Client() as client:  # a console session's cookie alone does not reach the actions
+        sign_in(client, broker)
+        assert client.post(url + "/connectors/scripted/revoke").status_code == 401
+    revoked = httpx.post(url + "/connectors/scripted/revoke", headers=admin)
+    assert revoked.status_code == 200 and revoked.json() == {"name": "scripted", "done": "revoked"}
+    assert httpx.post(url + "/connectors/scripted/revoke", headers=admin).status_code == 404
+    assert httpx.post(url + "/connectors/scripted/explode", headers=admin).status_code == 404

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
+import msgspec
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
@@ -22,9 +23,9 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from broker.asgi import ClientGone, read_body
-from broker.console import auth, views
+from broker.console import actions, auth, views
 from broker.console.auth import ConsoleSession
-from broker.enrollment import DEFAULT_TTL, EnrollmentError, check_name, check_ttl, parse_models
+from broker.enrollment import DEFAULT_TTL, EnrollmentError
 from broker.errors import error_body
 from broker.hub import Hub
 from broker.logs import log
@@ -45,7 +46,6 @@ SECURITY_HEADERS = {
     "cache-control": "no-store",
 }
 REASONS = {400: "Bad request", 403: "Refused", 404: "Not found", 409: "Conflict", 503: "Unavailable"}
-ACTIONS = {"approve": ("approved", ("pending",)), "revoke": ("revoked", ("pending", "approved"))}
 
 
 def _hub(request: Request) -> Hub:
@@ -75,12 +75,17 @@ def _redirect(to: str) -> Response:
     return RedirectResponse(to, 303, headers=SECURITY_HEADERS)
 
 
-async def _form(request: Request) -> dict[str, str] | None:
-    """A url-encoded form of at most FORM_LIMIT bytes (None if larger or cut short)."""
+async def _form_body(request: Request) -> bytes | None:
+    """The body of a console form or admin API call: at most FORM_LIMIT bytes (None if larger or cut short)."""
     try:
-        body = await read_body(request.receive, FORM_LIMIT)
+        return await read_body(request.receive, FORM_LIMIT)
     except ClientGone:
         return None
+
+
+async def _form(request: Request) -> dict[str, str] | None:
+    """A url-encoded form (None if too large, cut short, or with too many fields)."""
+    body = await _form_body(request)
     if body is None:
         return None
     try:
@@ -194,81 +199,106 @@ async def fragment(request: Request) -> Response:
     return _render(request, f"_{name}.html", {"page": name, "data": data}, session=session)
 
 
+def _json_error(status: int, code: str, message: str) -> Response:
+    return Response(error_body(status, code, message), status, media_type="application/json")
+
+
+def _admin_key_refusal(request: Request) -> Response | None:
+    """None when the request carries an admin key; else its 401 (no key) or 403 (not an admin's)."""
+    caller = _hub(request).identify(request.headers.get("authorization"), request.headers.get("x-api-key"))
+    if caller is None:
+        return _json_error(401, "invalid_api_key", "An admin key is required.")
+    return None if caller.admin else _json_error(403, "forbidden", "This needs an admin key.")
+
+
 async def api(request: Request) -> Response:
     """GET /admin/api/{connectors,models,usage,live}: a console session or an admin key."""
     if await _session(request) is None:
-        caller = _hub(request).identify(request.headers.get("authorization"), request.headers.get("x-api-key"))
-        if caller is None:
-            return Response(
-                error_body(401, "invalid_api_key", "An admin key is required."), 401, media_type="application/json"
-            )
-        if not caller.admin:
-            return Response(
-                error_body(403, "forbidden", "This needs an admin key."), 403, media_type="application/json"
-            )
+        refused = _admin_key_refusal(request)
+        if refused is not None:
+            return refused
     name = request.path_params["page"]
     if name not in LIVE:
-        return Response(error_body(404, "not_found", "No such admin API."), 404, media_type="application/json")
+        return _json_error(404, "not_found", "No such admin API.")
     return JSONResponse(await _data(request, name), headers={"cache-control": "no-store"})
 
 
 # --- actions -------------------------------------------------------------------
 
 
-async def connector_action(request: Request) -> Response:
-    """Approve a pending connector, revoke one (its tunnels close at once), or ask one for a
-    new credential (its tunnels stay up)."""
-    posted = await _posted(request)
-    if isinstance(posted, Response):
-        return posted
-    session, _ = posted
-    name, action = request.path_params["name"], request.path_params["action"]
-    if action not in (*ACTIONS, "rotate"):
-        return _error_page(request, 404, "No such action.", session)
-    hub = _hub(request)
-    store = hub.enrollment.store
-    assert store is not None
-    if action == "rotate":
-        done, state = await store.request_rotation(name), "asked for a new credential"
-    else:
-        state, only_from = ACTIONS[action]
-        done = await store.set_state(name, state, only_from=only_from)  # type: ignore[arg-type]
-    if not done:
-        return _error_page(request, 404, f"No enrolled connector {name[:64]!r} can be {state} now.", session)
-    await hub.enrollment.refresh()
-    if action == "rotate":  # its polls come back at once, and their answer asks for the new credential
-        for connector in hub.enrollment.enrolled.rows:
-            if connector.name == name:
-                hub.recycle_polls(bytes.fromhex(connector.identity))
-    log.info("console: connector %s %s", name, state)
+FormHandler = Callable[[Request, ConsoleSession, dict[str, str]], Awaitable[Response]]
+
+
+def _form_post(act: FormHandler) -> Callable[[Request], Awaitable[Response]]:
+    """A console form's handler: run only with the session's CSRF token; a refusal
+    (EnrollmentError) becomes an error page."""
+
+    async def handler(request: Request) -> Response:
+        posted = await _posted(request)
+        if isinstance(posted, Response):
+            return posted
+        session, form = posted
+        try:
+            return await act(request, session, form)
+        except EnrollmentError as exc:
+            return _error_page(request, exc.status, str(exc), session)
+
+    return handler
+
+
+@_form_post
+async def connector_action(request: Request, session: ConsoleSession, form: dict[str, str]) -> Response:
+    """A form's approve, revoke or rotate."""
+    await actions.act(_hub(request), request.path_params["name"], request.path_params["action"])
     return _redirect("/admin/connectors")
 
 
-async def enroll(request: Request) -> Response:
-    """A one-time enrollment code, shown once in this response and never stored in clear."""
-    posted = await _posted(request)
-    if isinstance(posted, Response):
-        return posted
-    session, form = posted
-    try:
-        name = check_name(form.get("name", "").strip())
-        models = parse_models(form.get("models", ""))
-        ttl = check_ttl(float(form.get("ttl") or DEFAULT_TTL))
-    except ValueError:
-        return _error_page(request, 400, "The code's lifetime must be a number of seconds.", session)
-    except EnrollmentError as exc:
-        return _error_page(request, 400, str(exc), session)
-    if any(spec.name == name for spec in _hub(request).settings.connectors):
-        return _error_page(request, 409, f"A configured connector is called {name!r} already.", session)
-    store = _hub(request).enrollment.store
-    assert store is not None
-    try:
-        code = await store.create_code(name, models, ttl)
-    except EnrollmentError as exc:
-        return _error_page(request, exc.status, str(exc), session)
-    log.info("console: enrollment code made for connector %s (valid %d s)", name, ttl)
+@_form_post
+async def enroll(request: Request, session: ConsoleSession, form: dict[str, str]) -> Response:
+    """A one-time enrollment code, shown once in this response."""
+    asked = form.get("name", ""), form.get("models", ""), form.get("ttl")
+    code, name, ttl = await actions.new_code(_hub(request), *asked)
     context = {"page": "enroll", "data": {}, "code": code, "name": name, "ttl": ttl, "broker_url": _base_url(request)}
     return _render(request, "enroll.html", context, session=session)
+
+
+# --- the admin JSON API's actions: an admin key only (a cookie could be ridden by a forged post) ---
+
+
+class _NewCode(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    models: list[str] = []
+    ttl: float = DEFAULT_TTL
+
+
+async def api_enroll(request: Request) -> Response:
+    """POST /admin/api/enroll {"name", "models"?, "ttl"?} → {"name", "code", "ttl"}."""
+    refused = _admin_key_refusal(request)
+    if refused is not None:
+        return refused
+    body = await _form_body(request)
+    try:
+        asked = msgspec.json.decode(body or b"", type=_NewCode)
+    except msgspec.DecodeError:
+        return _json_error(400, "invalid_request", 'The body must be {"name": ..., "models": [...], "ttl": seconds}.')
+    try:
+        code, name, ttl = await actions.new_code(_hub(request), asked.name, ",".join(asked.models), asked.ttl)
+    except EnrollmentError as exc:
+        return _json_error(exc.status, exc.code, str(exc))
+    return JSONResponse({"name": name, "code": code, "ttl": ttl}, headers={"cache-control": "no-store"})
+
+
+async def api_action(request: Request) -> Response:
+    """POST /admin/api/connectors/{name}/{approve,revoke,rotate} → {"name", "done"}."""
+    refused = _admin_key_refusal(request)
+    if refused is not None:
+        return refused
+    name = request.path_params["name"]
+    try:
+        done = await actions.act(_hub(request), name, request.path_params["action"])
+    except EnrollmentError as exc:
+        return _json_error(exc.status, exc.code, str(exc))
+    return JSONResponse({"name": name, "done": done})
 
 
 def _base_url(request: Request) -> str:
@@ -300,6 +330,8 @@ def routes() -> list[BaseRoute]:
         ("/admin/enroll", enroll, "POST"),
         ("/admin/connectors/{name}/{action}", connector_action, "POST"),
         ("/admin/api/{page}", api, "GET"),
+        ("/admin/api/enroll", api_enroll, "POST"),
+        ("/admin/api/connectors/{name}/{action}", api_action, "POST"),
         ("/admin/{page}/fragment", fragment, "GET"),
         ("/admin/{page}", page, "GET"),
     ]
