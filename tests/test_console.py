@@ -84,7 +84,7 @@ def test_live_pages_show_connectors_models_usage_and_requests(
     browser.get(broker.url + "/admin")
     screenshot(browser, tmp_path, "01-login")
     sign_in(browser, broker.url, USER)  # a user key is not an admin key
-    assert "not an admin key" in text(browser, "#login-error")
+    wait_for(browser, lambda d: "not an admin key" in text(d, "#login-error"), 10, "the refusal")
     screenshot(browser, tmp_path, "02-login-refused")
     sign_in(browser, broker.url, ADMIN)
     wait_for(browser, lambda d: d.current_url.endswith("/admin/connectors"), 10, "the connectors page")
@@ -113,6 +113,7 @@ def test_live_pages_show_connectors_models_usage_and_requests(
     wait_for(browser, lambda d: "(unnamed)" in text(d, "#top"), 10, "the top consumers")
     screenshot(browser, tmp_path, "04-usage")
     browser.find_element(By.LINK_TEXT, "Last day, per hour").click()
+    wait_for(browser, lambda d: "range=day" in d.find_element(By.ID, "live").get_attribute("data-live"), 10, "a day")
     wait_for(
         browser, lambda d: int(d.find_element(By.ID, "chart-by_user").get_attribute("data-total") or 0) > 0, 10, "a day"
     )
