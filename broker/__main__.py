@@ -1,4 +1,4 @@
-"""``python -m broker``: serve, or the admin commands ``hash-key`` and ``check-config``."""
+"""``python -m broker``: serve, or the admin commands ``hash-key``, ``check-config``, ``usage`` and ``enroll``."""
 
 import asyncio
 import getpass
@@ -15,6 +15,7 @@ from hypercorn.config import Config
 from broker import hypercorn_fixes
 from broker.config import ConfigError, load_file
 from broker.edge import warn_cleartext
+from broker.enroll_cli import enroll_main
 from broker.hub import Hub
 from broker.keys import hash_form
 from broker.logs import log
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         return _check_config(argv[1:])
     if argv[:1] == ["usage"]:
         return usage_main(argv[1:])
+    if argv[:1] == ["enroll"]:
+        return enroll_main(argv[1:])
     args = parse_cli(argv)
     try:
         settings = resolve(args, os.environ)

@@ -109,7 +109,9 @@ SETTINGS: dict[str, Any] = {
     "workers": _positive(int),
 }
 _CONNECTOR_KEYS = frozenset({"name", "token", "llm_api_key", "models", "max_concurrent", "allowed_paths"})
-_TOP_LEVEL_KEYS = frozenset({"user_api_keys", "connectors", "allowed_paths", "users", "admin_api_keys"})
+_TOP_LEVEL_KEYS = frozenset(
+    {"user_api_keys", "connectors", "allowed_paths", "users", "admin_api_keys", "require_approval"}
+)
 _USER_KEYS = frozenset({"name", "key", "models", "limits"})
 _LIMIT_KEYS = frozenset({"requests_per_minute", "tokens_per_minute", "max_parallel", "tokens_per_day"})
 # A user's name becomes a metrics label and a log field: plain text, short.
@@ -141,6 +143,7 @@ class FileConfig:
     warnings: tuple[str, ...] = ()  # valid, but worth an operator's attention
     users: tuple[User, ...] = ()  # named users
     admin_key_digests: tuple[bytes, ...] = ()
+    require_approval: bool = False  # enrolled connectors wait for an admin's approval
 
 
 class _Map(dict[str, Any]):
@@ -237,7 +240,10 @@ def parse(text: str, source: str = "<config>") -> FileConfig:
     line = doc.lines.get("allowed_paths", 1) if doc else 1
     paths = _paths(doc.get("allowed_paths"), "allowed_paths", line, fail)
     warnings = _warnings(specs, source, entries)
-    return FileConfig(digests, specs, settings, paths, warnings, users, admin_digests)
+    approval = doc.get("require_approval", False)
+    if not isinstance(approval, bool):
+        raise fail(doc.lines["require_approval"], "require_approval must be true or false")
+    return FileConfig(digests, specs, settings, paths, warnings, users, admin_digests, approval)
 
 
 def _users(entries: object, line: int, fail: Any) -> tuple[User, ...]:

@@ -15,6 +15,7 @@ from broker import config_watch
 from broker.admission import Accepts, Admission
 from broker.body import BodyBudget
 from broker.config import ConfigError, ConnectorSpec
+from broker.enrollment import Enrollment
 from broker.keys import bearer, find_secret
 from broker.logs import RequestLog, log
 from broker.metrics import Metrics, Snapshot
@@ -43,6 +44,7 @@ class Hub:
         self.users = users_of(settings)
         self.auth_throttle = AuthThrottle()
         self._token_digests = tuple(spec.token_digest for spec in settings.connectors)
+        self.enrollment = Enrollment(settings.database, self.revoke)
         self._tasks: set[asyncio.Task[None]] = set()
         self.notices: Notices | None = None  # with Redis: reloads and revocations reach every broker at once
         self.peers = Peers(settings, self._announce)
@@ -68,10 +70,23 @@ class Hub:
         if token is None:
             return None
         index = find_secret(token, self._token_digests)
-        if index is None:
+        if index is not None:
+            return self.settings.connectors[index]
+        spec = self.enrollment.approved(authorization)
+        if spec is None:
             self.metrics.auth_failures.labels("tunnel").inc()
-            return None
-        return self.settings.connectors[index]
+        return spec
+
+    def recycle_polls(self, identity: bytes) -> None:
+        """The polls of this connector's sessions end; each comes back at once on the same
+        session (a resume: nothing in flight is lost), and reads its response's headers anew."""
+        for session in self.sessions:
+            if session.spec.token_digest == identity:
+                session.detach_poll(session.poll_generation)
+
+    def revoke(self, identities: set[bytes]) -> None:
+        """The sessions of these connectors (by ``token_digest``) end now: revoked, or no longer approved."""
+        self.sessions.revoke(lambda session: None if session.spec.token_digest in identities else session.spec)
 
     # --- a session's life ------------------------------------------------
 
@@ -131,13 +146,17 @@ class Hub:
             allowed_paths=settings.allowed_paths,
             users=settings.users,
             admin_key_digests=settings.admin_key_digests,
+            require_approval=settings.require_approval,
         )
         self.users = users_of(self.settings)
         self._token_digests = tuple(spec.token_digest for spec in settings.connectors)
         specs = {spec.token_digest: spec for spec in settings.connectors}
         self.placement.reconfigure(self.settings)
         _log_warnings(settings)
-        self.sessions.revoke(lambda session: specs.get(session.spec.token_digest))
+        enrolled = self.enrollment.enrolled
+        self.sessions.revoke(
+            lambda session: specs.get(session.spec.token_digest) or enrolled.by_identity(session.spec.token_digest)
+        )
         for session in self.sessions:
             self.placement.place(session)
         log.info(

@@ -18,11 +18,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from broker import logs, tunnel_api
+from broker import console, logs, tunnel_api
 from broker.accounting import Accounting
 from broker.affinity import affinity_of
 from broker.asgi import Receive, Scope, Send
 from broker.edge import CanonicalTarget
+from broker.enroll_api import enroll, rotate
 from broker.errors import error_body
 from broker.hub import Hub
 from broker.metrics import CONTENT_TYPE
@@ -32,6 +33,7 @@ from broker.settings import Settings
 from broker.usage import usage_query
 from broker.users import Caller, User
 from wire import POLL_PATH, REGISTER_PATH, REPLY_PATH
+from wire.endpoints import ENROLL_PATH, ROTATE_PATH
 
 
 class _TunnelEndpoint:
@@ -187,6 +189,7 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         hub.start(reload)
+        hub.enrollment.start()
         accounting.start()
         app.state.accounting = accounting
         loop = asyncio.get_running_loop()
@@ -197,6 +200,7 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.remove_signal_handler(signal.SIGHUP)
         await hub.aclose()
+        await hub.enrollment.aclose()
         await affinity.aclose()
         await accounting.aclose()
         await hub.peers.aclose()
@@ -219,6 +223,9 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
         Route(REGISTER_PATH, _TunnelEndpoint(hub, tunnel_api.register), methods=["POST"]),
         Route(POLL_PATH, _TunnelEndpoint(hub, tunnel_api.poll), methods=["GET"]),
         Route(REPLY_PATH, _TunnelEndpoint(hub, tunnel_api.reply), methods=["POST"]),
+        Route(ENROLL_PATH, enroll, methods=["POST"]),
+        Route(ROTATE_PATH, rotate, methods=["POST"]),
+        *console.routes(),
     ]
     app = Starlette(
         routes=routes,

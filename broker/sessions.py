@@ -2,7 +2,9 @@
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from broker.config import ConnectorSpec
 from broker.logs import log
@@ -22,6 +24,20 @@ class Refused(Exception):
         self.code = code
 
 
+HISTORY_LENGTH = 500  # connects and disconnects kept for the console
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A connect or disconnect, for the console's history (no secret in it)."""
+
+    at: float
+    name: str
+    connector_id: str
+    connected: bool
+    detail: str  # where from (and through which proxy), or why it ended
+
+
 class Sessions:
     """Every session this broker holds, keyed by resume credential; the only code that
     starts or ends one."""
@@ -32,6 +48,7 @@ class Sessions:
         self._metrics = metrics
         self._sessions: dict[str, Session] = {}
         self.shutting_down = False
+        self.history: deque[Event] = deque(maxlen=HISTORY_LENGTH)
 
     def __iter__(self) -> Iterator[Session]:
         return iter(list(self._sessions.values()))
@@ -43,8 +60,9 @@ class Sessions:
             return None
         return session
 
-    def register(self, spec: ConnectorSpec, hello: Hello, remote: str) -> Session:
-        """A new session; raises Refused, with the reason the connector is shown."""
+    def register(self, spec: ConnectorSpec, hello: Hello, remote: str, proxy: str | None = None) -> Session:
+        """A new session; raises Refused, with the reason the connector is shown. ``proxy``:
+        the proxy its request came through, when one said so (a Via header)."""
         self._check(spec, hello)
         for old in self:
             if old.spec.token_digest == spec.token_digest and old.hello.connector_id == hello.connector_id:
@@ -57,6 +75,8 @@ class Sessions:
         self._metrics.registrations.labels(spec.name).inc()
         models = ", ".join(hello.models) if hello.models else "to be discovered"
         log.info("connector %s registered from %s (models: %s)", spec.name, remote, models)
+        where = f"from {remote}" + (f" via {proxy}" if proxy else "")
+        self.history.append(Event(time.time(), spec.name, hello.connector_id, True, where))
         return session
 
     def _check(self, spec: ConnectorSpec, hello: Hello) -> None:
@@ -79,6 +99,7 @@ class Sessions:
         self._router.remove(session)
         session.close()
         log.info("connector %s dropped: %s", session.name, reason)
+        self.history.append(Event(time.time(), session.name, session.hello.connector_id, False, reason))
 
     def retire(self, session: Session, reason: str) -> None:
         """The connector is leaving: route nothing new to it; drop it once its replies end."""

@@ -153,6 +153,7 @@ class Settings:
     usage_retention_days: int = 90
     users: tuple[User, ...] = ()  # named users (connectors.yaml)
     admin_key_digests: tuple[bytes, ...] = ()
+    require_approval: bool = False  # enrolled connectors wait for an admin's approval (connectors.yaml)
     allowed_paths: frozenset[str] = frozenset()  # extra POST paths any connector may be sent
     warnings: tuple[str, ...] = ()
     resume_grace: float = 30.0  # a connector that lost its connections may resume within this
@@ -210,6 +211,7 @@ def resolve(args: BrokerArgs | None, env: Mapping[str, str]) -> Settings:
         users=file.users if file else (),
         admin_key_digests=tuple(dict.fromkeys(admin_digests)),
         identity=identity,
+        require_approval=file.require_approval if file else False,
     )
 
 

@@ -106,6 +106,7 @@ class Session:
         self.uplinks = 0  # uplink bodies open now
         self._after_cancel: dict[int, Callable[[End], None]] = {}  # who wants a cancelled request's End
         self.violations = 0  # request-level protocol errors so far
+        self.round_trip: float | None = None  # seconds from a Ping to its Pong, the last one
         self._wake = asyncio.Event()
         self._coalescer = Coalescer()
         self._ack_by: float | None = None  # when an acknowledgement owed must leave
@@ -343,6 +344,8 @@ class Session:
             if exchange is not None:
                 exchange.credit.set()
         elif kind is Pong:
+            if event.ping_sent:  # type: ignore[union-attr]  # (0: before any Ping)
+                self.round_trip = time.time() - event.ping_sent  # type: ignore[union-attr]
             self.conn.ping(time.time())  # echoed at once: the connector's proof its uploads arrive
             self._wake.set()
         elif kind is Drain:

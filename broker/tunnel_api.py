@@ -25,6 +25,7 @@ from wire import (
     decode_all,
     encode,
 )
+from wire.endpoints import ROTATE_HEADER
 
 log = logging.getLogger("remotellm.tunnel")
 _FRAMES_HEADERS = [
@@ -33,12 +34,26 @@ _FRAMES_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 _HELLO_LIMIT = 1024 * 1024
+VIA_SHOWN = 120  # characters of a Via header kept for the console
 SHORT_POLL_WAIT = 5.0  # an idle short poll returns after this long (or the ping interval)
 
 
 def _remote(scope: Scope) -> str:
     client = scope.get("client")
     return f"{client[0]}:{client[1]}" if client else "?"
+
+
+def _poll_headers(hub: Hub, session: Session) -> list[tuple[bytes, bytes]]:
+    """A poll's response head; it asks an enrolled connector for a new credential when an admin did."""
+    if hub.enrollment.enrolled.rotating(session.spec.token_digest):
+        return [*_FRAMES_HEADERS, (ROTATE_HEADER.encode(), b"1")]
+    return _FRAMES_HEADERS
+
+
+def _proxy(scope: Scope) -> str | None:
+    """The proxy a request says it came through (Via), cut short: it is the connector's input."""
+    via = header(scope, b"via")
+    return via[:VIA_SHOWN] if via else None
 
 
 async def _refuse_token(hub: Hub, send: Send, scope: Scope) -> None:
@@ -84,7 +99,11 @@ async def _refuse_frames(hub: Hub, session: Session, send: Send, exc: ProtocolEr
 async def register(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
     if await _misdirected(hub, scope, send):
         return
-    spec = hub.connector_spec(header(scope, b"authorization"))
+    authorization = header(scope, b"authorization")
+    spec = hub.connector_spec(authorization)
+    if spec is None and hub.enrollment.enrolled.pending(authorization):
+        await send_error(send, 403, "pending_approval", "This connector is enrolled and awaits an admin's approval.")
+        return
     if spec is None:
         await _refuse_token(hub, send, scope)
         return
@@ -97,7 +116,7 @@ async def register(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None
         await send_error(send, 400, "invalid_request", "The body must be exactly one Hello frame.")
         return
     try:
-        session = hub.sessions.register(spec, frames[0], _remote(scope))
+        session = hub.sessions.register(spec, frames[0], _remote(scope), _proxy(scope))
     except Refused as exc:
         log.warning("connector %s refused: %s", spec.name, exc)
         await send_error(send, exc.status, exc.code, str(exc))
@@ -133,7 +152,7 @@ async def poll(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
     if short:
         await _short_poll(hub, session, send, generation)
         return
-    await send({"type": "http.response.start", "status": 200, "headers": _FRAMES_HEADERS})
+    await send({"type": "http.response.start", "status": 200, "headers": _poll_headers(hub, session)})
     lost = asyncio.Event()
     watcher = asyncio.ensure_future(_watch(receive, session, generation, lost))
     settings = hub.settings
@@ -159,7 +178,7 @@ async def _short_poll(hub: Hub, session: Session, send: Send, generation: int) -
         data = await session.next_write(generation, wait, time.monotonic() + wait)
     finally:
         session.detach_poll(generation)
-    await send({"type": "http.response.start", "status": 200, "headers": _FRAMES_HEADERS})
+    await send({"type": "http.response.start", "status": 200, "headers": _poll_headers(hub, session)})
     await send({"type": "http.response.body", "body": data or session.first_write(), "more_body": False})
 
 

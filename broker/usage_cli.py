@@ -36,9 +36,7 @@ def _cell(value: object) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m broker usage", description="Tokens used, from the usage database.")
-    parser.add_argument(
-        "--database", help=f"a SQLite path or postgresql:// URL (default: ${DATABASE_ENV}, else {DEFAULT_DATABASE})"
-    )
+    add_database_option(parser)
     parser.add_argument("--since", help="ISO 8601 time or date, UTC unless it says otherwise")
     parser.add_argument("--until", help="ISO 8601 time or date (excluded)")
     parser.add_argument(
@@ -48,9 +46,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_database_option(parser: argparse.ArgumentParser) -> None:
+    """``--database``, as every command that reads or writes the broker's database takes it."""
+    parser.add_argument(
+        "--database", help=f"a SQLite path or postgresql:// URL (default: ${DATABASE_ENV}, else {DEFAULT_DATABASE})"
+    )
+
+
+def database_of(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
+    return str(args.database or environ.get(DATABASE_ENV) or DEFAULT_DATABASE)
+
+
 def usage_main(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> int:
     args = _parser().parse_args(argv)
-    database = args.database or environ.get(DATABASE_ENV) or DEFAULT_DATABASE
+    database = database_of(args, environ)
     try:
         url = async_url(database)
         query = UsageQuery(

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import httpx
 
+from connector.enroll import EnrollError, enroll
 from connector.fleet import Fleet
 from connector.health import serve_health
 from connector.llm import LLMClient
@@ -28,6 +29,12 @@ async def run(argv: list[str]) -> int:
         return 2
     for url in settings.broker_urls:
         _warn_cleartext(url)
+    if settings.enroll_code:
+        try:
+            settings = await enroll(settings, settings.enroll_code)
+        except EnrollError as exc:
+            log.error("enrollment failed: %s", exc)
+            return 1
     llm = LLMClient(settings.llm_url)
     fleet = Fleet(settings, llm)
     health = await serve_health(settings.health_port, fleet.health) if settings.health_port else None

@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 
 from connector.llm import LLMClient
+from connector.rotation import Rotation
 from connector.settings import Settings
 from connector.slots import SlotCounter
 from connector.tunnel import Status, Tunnel
@@ -55,12 +56,16 @@ class Fleet:
     llm: LLMClient
     slots: SlotCounter = field(default_factory=SlotCounter)  # max_concurrent over every tunnel
     connector_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # this connector on every broker
+    rotation: Rotation = field(init=False)  # its credential, one for every tunnel
     _members: list[_Member] = field(default_factory=list)
     _lists: dict[Tunnel, list[tuple[str, str]]] = field(default_factory=dict)  # of tunnels with a session
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _down_since: float = field(default_factory=time.monotonic)
     _retiring: set["asyncio.Task[None]"] = field(default_factory=set)
     stopping: bool = False
+
+    def __post_init__(self) -> None:
+        self.rotation = Rotation(self.settings)
 
     async def run(self) -> None:
         """Keep the fleet right until cancelled (after drain(): draining, it changes nothing)."""

@@ -6,6 +6,9 @@ broker (wire.BROKER_HEADER), another broker answers 421, and the connector tries
 a new connection — a few times at once, then after the usual pause.
 """
 
+from collections import ChainMap
+from collections.abc import Mapping, MutableMapping
+
 import httpx
 
 from wire import BROKER_HEADER, MISDIRECTED, REPLY_PATH
@@ -19,9 +22,10 @@ class Misdirected(Exception):
     """The request reached another broker process than the one it is pinned to."""
 
 
-def pinned(headers: dict[str, str], broker_id: str) -> dict[str, str]:
-    """``headers`` for requests meant for ``broker_id`` alone ("" pins nothing: an old broker)."""
-    return {**headers, BROKER_HEADER: broker_id} if broker_id else headers
+def pinned(headers: MutableMapping[str, str], broker_id: str) -> MutableMapping[str, str]:
+    """``headers`` for requests meant for ``broker_id`` alone ("" pins nothing: an old broker).
+    A live view: a rotated credential in ``headers`` shows through."""
+    return ChainMap({BROKER_HEADER: broker_id}, headers) if broker_id else headers
 
 
 def check_pinned(response: httpx.Response) -> None:
@@ -29,7 +33,7 @@ def check_pinned(response: httpx.Response) -> None:
         raise Misdirected(f"{response.request.url.path} reached another broker")
 
 
-async def probe_uplink(client: httpx.AsyncClient, base_url: str, headers: dict[str, str]) -> bool:
+async def probe_uplink(client: httpx.AsyncClient, base_url: str, headers: Mapping[str, str]) -> bool:
     """An empty uplink body on ``client``'s connection: raises Misdirected when that connection
     is to another broker; False when nothing is pinned (nothing to probe).
 

@@ -10,7 +10,8 @@ as long as the broker's resume grace allows; only then is the session lost.
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections import ChainMap
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from dataclasses import dataclass, field
 
 import httpx
@@ -20,6 +21,7 @@ from connector.links import make_client
 from connector.llm import Forbidden, LLMClient
 from connector.path import PathProfile
 from connector.pinning import MISDIRECT_ATTEMPTS, Misdirected, check_pinned, probe_uplink
+from connector.rotation import Rotation
 from connector.settings import Settings
 from connector.slots import SlotCounter
 from connector.uplink import UplinkError, upload
@@ -51,6 +53,7 @@ from wire import (
     Request,
     Welcome,
 )
+from wire.endpoints import ROTATE_HEADER
 
 log = logging.getLogger("remotellm.connector")
 
@@ -90,10 +93,11 @@ class Session:
         llm: LLMClient,
         status: Status,
         path: PathProfile,
-        auth: dict[str, str],
+        auth: MutableMapping[str, str],
         welcome: Welcome,
         slots: SlotCounter,
         on_brokers: Callable[[list[tuple[str, str]]], None] | None = None,
+        rotation: Rotation | None = None,
     ) -> None:
         self.settings = settings
         self.on_brokers = on_brokers  # who hears the broker's lists of brokers
@@ -101,7 +105,8 @@ class Session:
         self.status = status
         self.path = path
         self.welcome = welcome
-        self.headers = {**auth, SESSION_HEADER: welcome.session}
+        self.rotation = rotation
+        self.headers = ChainMap({SESSION_HEADER: welcome.session}, auth)  # (auth: live, see Rotation)
         self.conn = ConnectorConnection(Limits(max_streams=settings.max_requests))
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self._credit: dict[int, asyncio.Event] = {}  # requests waiting for the broker's Credit
@@ -249,6 +254,8 @@ class Session:
             raise SessionLost(f"the broker answered a poll with 401: {error_message(response)}")
         if response.status_code != 200:
             raise Refused(f"poll answered {response.status_code}: {error_message(response)}")
+        if response.headers.get(ROTATE_HEADER) and self.rotation is not None:
+            self.rotation.requested()
         self._lost_since = None
         status = self.status
         protocol = self.path.describe(response.http_version)

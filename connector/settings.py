@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import httpx
 from argparse_dataclass import ArgumentParser
 
+from connector.credentials import read_credential
 from wire import DEFAULT_LIMITS, MAX_BROKERS
 
 
@@ -23,6 +24,12 @@ class ConnectorArgs:
         default=None, metadata={"type": str, "metavar": "URL", "help": "a broker, or their balancer (repeatable)"}
     )
     token: str | None = field(default=None, metadata={"type": str, "help": "this connector's token"})
+    credentials_file: str | None = field(
+        default=None, metadata={"type": str, "metavar": "PATH", "help": "this connector's credential (from --enroll)"}
+    )
+    enroll: str | None = field(
+        default=None, metadata={"type": str, "metavar": "CODE", "help": "enroll with this one-time code first"}
+    )
     llm_url: str | None = field(
         default=None, metadata={"type": str, "metavar": "URL", "help": "base URL of the local LLM server"}
     )
@@ -60,6 +67,8 @@ class Settings:
     ca_certs: str | None = None
     max_requests: int = DEFAULT_LIMITS.max_streams  # a broker asking for more at once is refused
     broker_urls: tuple[str, ...] = ()  # every --broker-url: where the fleet scouts (broker_url is the first)
+    credentials_file: str | None = None  # where an enrolled connector's credential is kept
+    enroll_code: str | None = None  # a one-time code to exchange for the credential first
 
     def __repr__(self) -> str:  # the token must not reach a log or a traceback
         return f"Settings(broker_url={self.public_broker_url!r}, llm_url={self.llm_url!r}, models={self.models!r})"
@@ -115,16 +124,40 @@ def resolve(args: ConnectorArgs | None, env: Mapping[str, str]) -> Settings:
             raise SettingsError("REMOTELLM_MAX_REQUESTS must be a number") from None
     if max_requests < 1:
         raise SettingsError("--max-requests must be at least 1")
+    token, credentials_file, enroll_code = _credential(args, env)
     return Settings(
         max_requests=max_requests,
         broker_url=broker_urls[0],
         broker_urls=tuple(broker_urls),
-        token=pick(args.token, "REMOTELLM_CONNECTOR_TOKEN", "--token"),
+        token=token,
+        credentials_file=credentials_file,
+        enroll_code=enroll_code,
         llm_url=llm_url,
         models=tuple(dict.fromkeys(models)),
         health_port=port,
         proxy=proxy,
         ca_certs=ca_certs,
+    )
+
+
+def _credential(args: ConnectorArgs, env: Mapping[str, str]) -> tuple[str, str | None, str | None]:
+    """The token (or enrolled credential), the credentials file, and a code to enroll with:
+    an existing credentials file wins over --enroll (the code was used when it was written)."""
+    token = args.token or env.get("REMOTELLM_CONNECTOR_TOKEN")
+    path = args.credentials_file or env.get("REMOTELLM_CREDENTIALS_FILE") or None
+    if args.enroll is not None and path is None:
+        raise SettingsError("--enroll needs --credentials-file, where the credential is kept")
+    if token:
+        return token, path, None
+    if path is not None and os.path.exists(path):
+        try:
+            return read_credential(path), path, None
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
+    if args.enroll:
+        return "", path, args.enroll
+    raise SettingsError(
+        "--token (or REMOTELLM_CONNECTOR_TOKEN) is required, or --credentials-file (with --enroll CODE the first time)"
     )
 
 

@@ -20,6 +20,7 @@ from connector.links import make_client
 from connector.llm import LLMClient
 from connector.path import PathProfile
 from connector.pinning import MISDIRECT_ATTEMPTS, Misdirected, check_pinned, pinned
+from connector.rotation import Rotation
 from connector.session import Refused, Session, SessionLost, Status, error_message
 from connector.settings import Settings
 from connector.slots import SlotCounter
@@ -71,6 +72,7 @@ class Membership(Protocol):
     # name on every broker (the part of each tunnel's Hello.connector_id before the dot).
     slots: SlotCounter
     connector_id: str
+    rotation: Rotation  # the one credential every tunnel presents
 
 
 class Tunnel:
@@ -90,7 +92,6 @@ class Tunnel:
         self.pin = pin
         self.broker_id = ""  # the broker of the current session ("" before one, or a broker alone)
         self.connector_id = f"{fleet.connector_id}{CONNECTOR_ID_SEPARATOR}{uuid.uuid4().hex[:8]}"
-        self.auth = {"authorization": f"Bearer {settings.token}"}
         self.path = PathProfile(settings)
         self._current: Session | None = None
         self._winding_down: set[asyncio.Task[None]] = set()
@@ -108,9 +109,17 @@ class Tunnel:
                     log.info("broker %s already has a tunnel: this one ends", welcome.broker)
                     return
                 self.broker_id = welcome.broker
-                headers = pinned(self.auth, welcome.broker)
+                headers = pinned(self.fleet.rotation.auth, welcome.broker)
                 session = self._current = Session(
-                    self.settings, self.llm, self.status, self.path, headers, welcome, self.fleet.slots, self._heard
+                    self.settings,
+                    self.llm,
+                    self.status,
+                    self.path,
+                    headers,
+                    welcome,
+                    self.fleet.slots,
+                    self._heard,
+                    self.fleet.rotation,
                 )
                 await session.serve()
                 # The broker is draining: its replies finish in the background, we move on.
@@ -172,7 +181,7 @@ class Tunnel:
 
     async def _register_once(self) -> Welcome:
         hello = Hello(self.connector_id, __version__, list(self.settings.models))
-        headers = pinned(self.auth, self.pin or "")
+        headers = pinned(self.fleet.rotation.auth, self.pin or "")
         try:
             async with make_client(self.settings, http2=self.path.http2, read_timeout=REGISTER_TIMEOUT) as client:
                 response = await client.post(

@@ -9,7 +9,7 @@ session sends again what the broker has not acknowledged, on the next one.
 """
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Protocol
 
 import httpx
@@ -38,21 +38,22 @@ class Source(Protocol):
 
 
 async def upload(
-    client: httpx.AsyncClient, url: str, headers: dict[str, str], source: Source, *, batching: bool
+    client: httpx.AsyncClient, url: str, headers: Mapping[str, str], source: Source, *, batching: bool
 ) -> None:
-    """Upload what ``source`` gives until it gives None; raises when the POST breaks."""
-    headers = {**headers, "content-type": FRAMES_CONTENT_TYPE}
+    """Upload what ``source`` gives until it gives None; raises when the POST breaks.
+    ``headers`` is read at each POST: a rotated credential takes effect at the next one."""
     if batching:
         while (data := await source.next_write()) is not None:
             await asyncio.sleep(BATCH_INTERVAL)  # gather what follows into the same POST
-            _check(await client.post(url, content=data + source.ready_now(), headers=headers))
+            content = data + source.ready_now()
+            _check(await client.post(url, content=content, headers={**headers, "content-type": FRAMES_CONTENT_TYPE}))
         return
 
     async def body() -> AsyncIterator[bytes]:
         while (data := await source.next_write()) is not None:
             yield data
 
-    _check(await client.post(url, content=body(), headers=headers))
+    _check(await client.post(url, content=body(), headers={**headers, "content-type": FRAMES_CONTENT_TYPE}))
 
 
 def _check(response: httpx.Response) -> None:

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.servers import PostgresServer, postgres_workdir, start_postgres
 from tests.support import Stack
 
 
@@ -15,6 +16,19 @@ def stack(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Stack]:
     report = getattr(request.node, "rep_call", None)
     if report is not None and report.failed:
         print(procs.logs()[-20000:])
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """One PostgreSQL server for a test module; each test makes the databases it needs."""
+    stack = Stack(tmp_path_factory.mktemp("postgres-logs"))
+    with postgres_workdir() as workdir:
+        server = start_postgres(stack, workdir)
+        try:
+            yield server
+        finally:
+            server.stop()
+            stack.close()
 
 
 @pytest.hookimpl(wrapper=True)

@@ -172,7 +172,7 @@ def test_example_config_shows_every_key() -> None:
     assert re.search(r"^\s*token: sha256:[0-9a-f]{64}", text, re.M), "a token in sha256: form"
     assert "default 8" in text
     # The broker settings are there by long name, commented out.
-    assert set(re.findall(r"^#(\w+):", text, re.M)) == CONTRACT_SETTINGS | {"allowed_paths"}
+    assert set(re.findall(r"^#(\w+):", text, re.M)) == CONTRACT_SETTINGS | {"allowed_paths", "require_approval"}
 
 
 def test_example_config_settings_parse_when_uncommented(tmp_path: Path) -> None:

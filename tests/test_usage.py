@@ -4,7 +4,7 @@ import asyncio
 import itertools
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -33,19 +33,6 @@ from tests.support import Stack
 DAY0 = datetime(2026, 12, 1, tzinfo=UTC).timestamp()
 HOUR = 3600
 FLUSH_TIMEOUT = 30.0
-
-
-@pytest.fixture(scope="module")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
-    """One server for the module; each test gets a database of its own on it."""
-    stack = Stack(tmp_path_factory.mktemp("postgres-logs"))
-    with postgres_workdir() as workdir:
-        server = start_postgres(stack, workdir)
-        try:
-            yield server
-        finally:
-            server.stop()
-            stack.close()
 
 
 _databases = itertools.count()

@@ -5,6 +5,14 @@ import ipaddress
 REGISTER_PATH = "/tunnel/v1/register"  # POST a Hello frame, get a Welcome frame back
 POLL_PATH = "/tunnel/v1/poll"  # GET: a streaming response of broker → connector frames
 REPLY_PATH = "/tunnel/v1/reply"  # POST: a streaming body of reply frames (the connector's uplink)
+# POST {"code": CODE} → {"name", "credential", "state"}: a one-time code exchanged for a credential.
+ENROLL_PATH = "/tunnel/v1/enroll"
+ENROLL_BODY_LIMIT = 4096
+# On a poll's response: an admin asked this enrolled connector to rotate its credential. It
+# then POSTs {"credential": NEW} here with its current one, and uses NEW from then on.
+ROTATE_HEADER = "x-remotellm-rotate"
+ROTATE_PATH = "/tunnel/v1/credential"
+CREDENTIAL_PREFIX = "rlc_"  # an enrolled connector's credential, as the broker or the connector makes it
 
 # The resume credential of Welcome.session: with the token, it names the session.
 SESSION_HEADER = "x-remotellm-session"
