@@ -55,7 +55,7 @@ def _session_row(hub: Hub, session: Session, history: list[Event]) -> dict[str, 
         "proxy": came.detail.partition(" via ")[2] if came else "",
         "round_trip_ms": round(rtt * 1000) if rtt is not None and 0 <= rtt < ROUND_TRIP_SHOWN else None,
         "in_flight": session.in_flight,
-        "capacity": session.max_concurrent,
+        "capacity": session.spec.max_concurrent,  # None: no cap (the LLM server queues by itself)
         "connected_since": when(session.connected_at),
         "last_error": left.detail if left else "",
         "protocol_errors": session.violations,
