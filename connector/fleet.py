@@ -105,19 +105,25 @@ class Fleet:
 
     def keep(self, tunnel: Tunnel) -> bool:
         """A pinned tunnel goes on until its broker leaves the lists; a scout only while
-        nothing else tells where the brokers are."""
+        nothing else tells where the brokers are (no list, or no other tunnel up)."""
         if self.stopping:
             return False
-        return tunnel.pin is not None or not self._lists or len(self._members) == 1
+        others_up = any(m.tunnel is not tunnel and m.tunnel.status.connected for m in self._members)
+        return tunnel.pin is not None or not self._listed() or not others_up
 
     # --- keeping it right -----------------------------------------------------------------
 
-    def _reconcile(self, now: float) -> None:
+    def _listed(self) -> dict[str, str]:
+        """Every broker the tunnels that are up have heard of, with its URL."""
         listed: dict[str, str] = {}
         for tunnel, brokers in self._lists.items():
             if tunnel.status.connected:  # (a tunnel resuming may hold a dead broker's last word)
                 for broker_id, url in brokers:
                     listed.setdefault(broker_id, url)
+        return listed
+
+    def _reconcile(self, now: float) -> None:
+        listed = self._listed()
         for member in list(self._members):
             self._check(member, listed, now)
         for broker_id, url in listed.items():

@@ -390,3 +390,19 @@ def test_workers_that_cannot_start_make_the_parent_give_up(stack: Stack) -> None
         parent = stack.spawn("broker", [sys.executable, "-m", "broker", "--port", str(port), "--workers", "2"])
         assert parent.popen.wait(60) == 1, parent.log()
     assert "giving up" in parent.log()
+
+
+@pytest.mark.slow
+def test_every_broker_replaced_at_once_the_connectors_find_the_new_ones(stack: Stack) -> None:
+    """No tunnel left to hear a list from (each is pinned to a broker id that is gone): the
+    connectors dial their --broker-url (nginx) again and learn the new brokers there."""
+    with fleet_of_three(stack) as fleet:
+        ports = [int(b.url.rsplit(":", 1)[1]) for b in fleet.brokers]
+        for broker in fleet.brokers:
+            broker.proc.kill()
+        again = [start_broker(stack, port, redis=fleet.redis, name=f"broker{i}-new") for i, port in enumerate(ports)]
+        wait_sessions(again, 2, timeout=30)
+        ids = {str(b.health()["broker"]) for b in again}
+        wait_until(lambda: fleet.connector_tunnels() == [ids, ids], timeout=20, what="the fleets to hold only those")
+        for broker in again:
+            assert chat(broker.url, "m-a").status_code == 200
