@@ -412,11 +412,14 @@ class Enrollment:
         else:
             log.info("connector %s uses its new credential; the old one no longer works", name)
 
-    async def refresh(self) -> None:
+    async def refresh(self) -> set[bytes]:
+        """This broker's copy read anew; the identities that are no longer valid (their
+        sessions ended)."""
         assert self.store is not None  # started with the app
         gone = self.enrolled.replace(await self.store.connectors())
         if gone:
             self._revoke(gone)
+        return gone
 
     async def _watch(self) -> None:
         assert self.store is not None

@@ -130,7 +130,7 @@ class Hub:
         settings = self.settings
         if settings.redis_url and reload is not None:
             on_config = functools.partial(self.reload_from, reload, announce=False)
-            self.notices = Notices(settings.redis_url, on_config, self.sessions.revoke_token)
+            self.notices = Notices(settings.redis_url, on_config, lambda digest: self.revoke({digest}))
             self._spawn(self.notices.listen())
         self._spawn(self.peers.run())
         path = settings.connector_config

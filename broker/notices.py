@@ -53,7 +53,7 @@ class Notices:
 
     async def revoked(self, token_digest: bytes) -> None:
         """A connector token is revoked (an enrolled connector removed): every other broker drops
-        its sessions (``Sessions.revoke_token``; the caller drops this broker's own)."""
+        its sessions (``Hub.revoke``; the caller drops this broker's own)."""
         await self._publish(Notice(self._sender, "revoked", token_digest.hex()))
 
     async def _publish(self, notice: Notice) -> None:

@@ -122,13 +122,6 @@ class Sessions:
             else:
                 session.renew(spec)
 
-    def revoke_token(self, token_digest: bytes) -> None:
-        """A token revoked (an enrolled connector removed, on this broker or another): its
-        sessions end now, and their requests in flight fail."""
-        for session in self:
-            if session.spec.token_digest == token_digest:
-                self.drop(session, "token revoked")
-
     async def reap(self) -> None:
         """Drops sessions not resumed within the grace period, or silent (a frozen connector
         whose connections look open) for as long again."""

@@ -14,7 +14,7 @@ from typing import Literal
 
 import msgspec
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: Brokers, Capacity and Slots (an older connector is refused at registration)
 
 Headers = list[tuple[str, str]]
 

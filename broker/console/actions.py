@@ -25,7 +25,10 @@ async def act(hub: Hub, name: str, action: str) -> str:
         raise EnrollmentError(404, "not_found", "No such action.")
     if not done:
         raise EnrollmentError(404, "not_found", f"No enrolled connector {name[:64]!r} can be {outcome} now.")
-    await hub.enrollment.refresh()
+    gone = await hub.enrollment.refresh()
+    if hub.notices is not None:  # the other brokers drop theirs now, not at their next read
+        for identity in gone:
+            await hub.notices.revoked(identity)
     if action == "rotate":  # its polls come back at once, and their answer asks for the new credential
         for connector in hub.enrollment.enrolled.rows:
             if connector.name == name:
