@@ -290,12 +290,13 @@ class Relay:
         model = out.model if out.routed else UNROUTED
         elapsed = time.perf_counter() - out.started
         metrics = hub.metrics
-        metrics.requests.labels(model, str(out.status), out.connector).inc()
-        metrics.duration.labels(model).observe(elapsed)
-        metrics.bytes.labels("request").inc(out.request_bytes + (out.upload.streamed if out.upload else 0))
-        metrics.bytes.labels("response").inc(out.bytes)
+        child = metrics.child
+        child(metrics.requests, model, str(out.status), out.connector).inc()
+        child(metrics.duration, model).observe(elapsed)
+        child(metrics.bytes, "request").inc(out.request_bytes + (out.upload.streamed if out.upload else 0))
+        child(metrics.bytes, "response").inc(out.bytes)
         if out.ttfb:
-            metrics.ttfb.labels(model).observe(out.ttfb)
+            child(metrics.ttfb, model).observe(out.ttfb)
         if out.user is not None:
             self.accounting.record(
                 user=out.user, model=model,  # unrouted: a label, not whatever model was asked for

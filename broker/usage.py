@@ -361,5 +361,5 @@ def _shown(group: Group, value: Any) -> object:
 def count_tokens(metrics: Metrics, record: UsageRecord) -> None:
     """Prometheus: the record's tokens by user, model and kind."""
     user = record.user or UNNAMED
-    metrics.tokens.labels(user, record.model, "prompt").inc(_count(record.prompt_tokens))
-    metrics.tokens.labels(user, record.model, "completion").inc(_count(record.completion_tokens))
+    metrics.child(metrics.tokens, user, record.model, "prompt").inc(_count(record.prompt_tokens))
+    metrics.child(metrics.tokens, user, record.model, "completion").inc(_count(record.completion_tokens))
