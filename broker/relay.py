@@ -408,10 +408,25 @@ async def _respond(exchange: Exchange, send: Send, settings: Settings, out: _Out
         headers += out.lease.headers
     await send({"type": "http.response.start", "status": event.status, "headers": headers})
     out.head_sent = True
+    deadline = asyncio.timeout(None)
+    stall = _Stall(deadline, settings.idle_timeout)
+    try:
+        async with deadline:
+            await _relay_body(exchange, send, out, stall)
+    except TimeoutError:
+        out.result = "user_stalled" if stall.sending else "timeout"
+    finally:
+        stall.cancel()
+    return None
+
+
+async def _relay_body(exchange: Exchange, send: Send, out: _Outcome, stall: "_Stall") -> None:
+    """The reply's body, chunk by chunk, until its End (or until it fails)."""
     queue = exchange.events
     pending: ReplyEvent | None = None
     while True:
-        event, pending = pending or await _next(exchange, settings.idle_timeout), None
+        event, pending = pending or (queue.get_nowait() if not queue.empty() else await queue.get()), None
+        stall.moved()
         if isinstance(event, Chunk):
             parts = [event.data]
             while not queue.empty():  # coalesce what is already here into one write
@@ -425,18 +440,16 @@ async def _respond(exchange: Exchange, send: Send, settings: Settings, out: _Out
             if out.sniffer is not None:
                 out.sniffer.feed(data)
             # A user who stops reading for the idle timeout loses the stream (and its slot).
-            try:
-                async with asyncio.timeout(settings.idle_timeout):
-                    await send({"type": "http.response.body", "body": data, "more_body": True})
-            except TimeoutError:
-                out.result = "user_stalled"
-                return None
+            stall.sending = True
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+            stall.sending = False
+            stall.moved()
             exchange.consumed(len(data))  # the connector may send as many more
         elif isinstance(event, End) and event.error is None:
             out.ended = True
             out.tokens = Tokens(event.prompt_tokens, event.completion_tokens, event.usage)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-            return None
+            return
         else:
             # Returning without the final body message makes hypercorn cut the response,
             # so the user sees a truncated stream rather than a falsely complete one.
@@ -444,7 +457,37 @@ async def _respond(exchange: Exchange, send: Send, settings: Settings, out: _Out
             out.result = _describe(event)
             if isinstance(event, End):  # failed after the head: still, what was delivered was used
                 out.tokens = Tokens(event.prompt_tokens, event.completion_tokens, event.usage)
-            return None
+            return
+
+
+class _Stall:
+    """The idle timeout of a streamed reply: one timer per stream rather than one per chunk
+    (a timer costs microseconds; a stream has thousands of chunks). It fires ``idle``
+    seconds after the last sign of progress — an event from the connector, or a write the
+    user took — by expiring ``deadline``; ``sending`` tells which side stalled."""
+
+    __slots__ = ("_deadline", "_handle", "_idle", "_loop", "last", "sending")
+
+    def __init__(self, deadline: asyncio.Timeout, idle: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._deadline = deadline
+        self._idle = idle
+        self.last = self._loop.time()
+        self.sending = False
+        self._handle = self._loop.call_at(self.last + idle, self._check)
+
+    def moved(self) -> None:
+        self.last = self._loop.time()
+
+    def _check(self) -> None:
+        due = self.last + self._idle
+        if self._loop.time() >= due:
+            self._deadline.reschedule(self._loop.time())  # expires now: the relay is cancelled
+        else:
+            self._handle = self._loop.call_at(due, self._check)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
 Accepts = Callable[[Session], bool]
