@@ -439,12 +439,19 @@ async def _relay_body(exchange: Exchange, send: Send, out: _Outcome, stall: "_St
             out.bytes += len(data)
             if out.sniffer is not None:
                 out.sniffer.feed(data)
+            # The End is here already (a whole reply in one uplink write): this write ends it.
+            last = pending if isinstance(pending, End) and pending.error is None else None
+            if last is not None:
+                out.ended = True
+                out.tokens = Tokens(last.prompt_tokens, last.completion_tokens, last.usage)
             # A user who stops reading for the idle timeout loses the stream (and its slot).
             stall.sending = True
-            await send({"type": "http.response.body", "body": data, "more_body": True})
+            await send({"type": "http.response.body", "body": data, "more_body": last is None})
             stall.sending = False
             stall.moved()
             exchange.consumed(len(data))  # the connector may send as many more
+            if last is not None:
+                return
         elif isinstance(event, End) and event.error is None:
             out.ended = True
             out.tokens = Tokens(event.prompt_tokens, event.completion_tokens, event.usage)
