@@ -1,6 +1,7 @@
 """``python -m connector``: dial out to the broker and serve the local LLM through it."""
 
 import asyncio
+import gc
 import importlib
 import importlib.util
 import logging
@@ -33,6 +34,7 @@ async def run(argv: list[str]) -> int:
         await serve_health(settings.health_port, status, settings.public_broker_url) if settings.health_port else None
     )
     tunnel = Tunnel(settings, llm, status)
+    gc.freeze()  # start-up's objects live on: a full collection need not scan them (as the broker)
     main = asyncio.create_task(tunnel.run())
     stopping: list[asyncio.Task[None]] = []
 
