@@ -425,7 +425,7 @@ async def _relay_body(exchange: Exchange, send: Send, out: _Outcome, stall: "_St
     queue = exchange.events
     pending: ReplyEvent | None = None
     while True:
-        event, pending = pending or (queue.get_nowait() if not queue.empty() else await queue.get()), None
+        event, pending = pending or await queue.get(), None
         stall.moved()
         if isinstance(event, Chunk):
             parts = [event.data]
@@ -445,10 +445,9 @@ async def _relay_body(exchange: Exchange, send: Send, out: _Outcome, stall: "_St
                 out.ended = True
                 out.tokens = Tokens(last.prompt_tokens, last.completion_tokens, last.usage)
             # A user who stops reading for the idle timeout loses the stream (and its slot).
-            stall.sending = True
+            stall.writing()
             await send({"type": "http.response.body", "body": data, "more_body": last is None})
-            stall.sending = False
-            stall.moved()
+            stall.sent()
             exchange.consumed(len(data))  # the connector may send as many more
             if last is not None:
                 return
@@ -473,21 +472,29 @@ class _Stall:
     seconds after the last sign of progress — an event from the connector, or a write the
     user took — by expiring ``deadline``; ``sending`` tells which side stalled."""
 
-    __slots__ = ("_deadline", "_handle", "_idle", "_loop", "last", "sending")
+    __slots__ = ("_deadline", "_handle", "_idle", "_last", "_loop", "sending")
 
     def __init__(self, deadline: asyncio.Timeout, idle: float) -> None:
         self._loop = asyncio.get_running_loop()
         self._deadline = deadline
         self._idle = idle
-        self.last = self._loop.time()
-        self.sending = False
-        self._handle = self._loop.call_at(self.last + idle, self._check)
+        self._last = self._loop.time()
+        self.sending = False  # the user is being written to
+        self._handle = self._loop.call_at(self._last + idle, self._check)
 
     def moved(self) -> None:
-        self.last = self._loop.time()
+        self._last = self._loop.time()
+
+    def writing(self) -> None:
+        self.sending = True
+
+    def sent(self) -> None:
+        """The user took the write."""
+        self.sending = False
+        self._last = self._loop.time()
 
     def _check(self) -> None:
-        due = self.last + self._idle
+        due = self._last + self._idle
         if self._loop.time() >= due:
             self._deadline.reschedule(self._loop.time())  # expires now: the relay is cancelled
         else:
