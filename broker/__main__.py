@@ -1,6 +1,7 @@
 """``python -m broker``: serve, or the admin commands ``hash-key``, ``check-config``, ``usage`` and ``enroll``."""
 
 import asyncio
+import gc
 import getpass
 import importlib
 import importlib.util
@@ -120,6 +121,9 @@ async def _serve(settings: Settings, reload: Callable[[], Settings]) -> None:
         log.info("shutting down: draining connectors (up to %.0f s)", GRACEFUL_TIMEOUT)
         await hub.drain(GRACEFUL_TIMEOUT)
 
+    # What start-up made lives as long as the process: out of the collector's sight, a full
+    # collection scans only what requests made (else it stalls every request for ~10-20 ms).
+    gc.freeze()
     await serve(app, hypercorn_config(settings), shutdown_trigger=drained)  # type: ignore[arg-type]
 
 

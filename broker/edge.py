@@ -21,12 +21,16 @@ class CanonicalTarget:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self._warned_cleartext = False
+        self._checked: set[object] = set()  # (scheme, server) pairs seen: the addresses it listens on
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if not self._warned_cleartext:
+        # Once per address served, not per request (parsing an address costs microseconds).
+        listener = (scope.get("scheme"), tuple(scope.get("server") or ()))
+        if not self._warned_cleartext and listener not in self._checked:
+            self._checked.add(listener)
             self._warn_cleartext(scope)
         raw = scope.get("raw_path") or scope["path"].encode("latin-1")
         path = raw.split(b"?", 1)[0].decode("latin-1")

@@ -6,6 +6,7 @@ connector serves, never from what a client sent: the series count stays bounded.
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -18,6 +19,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 UNROUTED = "_unrouted"
 # The user label of the unnamed users (user_api_keys).
 UNNAMED = "_unnamed"
+_Metric = TypeVar("_Metric", Counter, Histogram)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -51,6 +53,7 @@ class _LiveState(Collector):
 class Metrics:
     def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
         registry = self.registry = CollectorRegistry()
+        self._children: dict[tuple[object, ...], Counter | Histogram] = {}
         registry.register(_LiveState(snapshot))
         self.requests = Counter(
             "remotellm_requests",
@@ -99,6 +102,15 @@ class Metrics:
             ["user", "limit"],
             registry=registry,
         )
+
+    def child(self, metric: _Metric, *labels: str) -> _Metric:
+        """``metric.labels(*labels)``, looked up once: prometheus_client's own lookup costs
+        microseconds, and every request does several (the label sets are bounded, see above)."""
+        key = (id(metric), *labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return cast(_Metric, found)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

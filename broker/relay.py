@@ -307,12 +307,13 @@ class Relay:
         model = out.model if out.routed else UNROUTED
         elapsed = time.perf_counter() - out.started
         metrics = hub.metrics
-        metrics.requests.labels(model, str(out.status), out.connector).inc()
-        metrics.duration.labels(model).observe(elapsed)
-        metrics.bytes.labels("request").inc(out.request_bytes + (out.upload.streamed if out.upload else 0))
-        metrics.bytes.labels("response").inc(out.bytes)
+        child = metrics.child
+        child(metrics.requests, model, str(out.status), out.connector).inc()
+        child(metrics.duration, model).observe(elapsed)
+        child(metrics.bytes, "request").inc(out.request_bytes + (out.upload.streamed if out.upload else 0))
+        child(metrics.bytes, "response").inc(out.bytes)
         if out.ttfb:
-            metrics.ttfb.labels(model).observe(out.ttfb)
+            child(metrics.ttfb, model).observe(out.ttfb)
         if out.user is not None:
             self.accounting.record(
                 user=out.user, model=model,  # unrouted: a label, not whatever model was asked for
@@ -426,10 +427,25 @@ async def _respond(exchange: Exchange, send: Send, settings: Settings, out: _Out
         headers += out.lease.headers
     await send({"type": "http.response.start", "status": event.status, "headers": headers})
     out.head_sent = True
+    deadline = asyncio.timeout(None)
+    stall = _Stall(deadline, settings.idle_timeout)
+    try:
+        async with deadline:
+            await _relay_body(exchange, send, out, stall)
+    except TimeoutError:
+        out.result = "user_stalled" if stall.sending else "timeout"
+    finally:
+        stall.cancel()
+    return None
+
+
+async def _relay_body(exchange: Exchange, send: Send, out: _Outcome, stall: "_Stall") -> None:
+    """The reply's body, chunk by chunk, until its End (or until it fails)."""
     queue = exchange.events
     pending: ReplyEvent | None = None
     while True:
-        event, pending = pending or await _next(exchange, settings.idle_timeout), None
+        event, pending = pending or await queue.get(), None
+        stall.moved()
         if isinstance(event, Chunk):
             parts = [event.data]
             while not queue.empty():  # coalesce what is already here into one write
@@ -442,19 +458,23 @@ async def _respond(exchange: Exchange, send: Send, settings: Settings, out: _Out
             out.bytes += len(data)
             if out.sniffer is not None and not out.sniffer.done:
                 await out.sniffer.feed(data)
+            # The End is here already (a whole reply in one uplink write): this write ends it.
+            last = pending if isinstance(pending, End) and pending.error is None else None
+            if last is not None:
+                out.ended = True
+                out.tokens = Tokens(last.prompt_tokens, last.completion_tokens, last.usage)
             # A user who stops reading for the idle timeout loses the stream (and its slot).
-            try:
-                async with asyncio.timeout(settings.idle_timeout):
-                    await send({"type": "http.response.body", "body": data, "more_body": True})
-            except TimeoutError:
-                out.result = "user_stalled"
-                return None
+            stall.writing()
+            await send({"type": "http.response.body", "body": data, "more_body": last is None})
+            stall.sent()
             exchange.consumed(len(data))  # the connector may send as many more
+            if last is not None:
+                return
         elif isinstance(event, End) and event.error is None:
             out.ended = True
             out.tokens = Tokens(event.prompt_tokens, event.completion_tokens, event.usage)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-            return None
+            return
         else:
             # Returning without the final body message makes hypercorn cut the response,
             # so the user sees a truncated stream rather than a falsely complete one.
@@ -462,7 +482,45 @@ async def _respond(exchange: Exchange, send: Send, settings: Settings, out: _Out
             out.result = _describe(event)
             if isinstance(event, End):  # failed after the head: still, what was delivered was used
                 out.tokens = Tokens(event.prompt_tokens, event.completion_tokens, event.usage)
-            return None
+            return
+
+
+class _Stall:
+    """The idle timeout of a streamed reply: one timer per stream rather than one per chunk
+    (a timer costs microseconds; a stream has thousands of chunks). It fires ``idle``
+    seconds after the last sign of progress — an event from the connector, or a write the
+    user took — by expiring ``deadline``; ``sending`` tells which side stalled."""
+
+    __slots__ = ("_deadline", "_handle", "_idle", "_last", "_loop", "sending")
+
+    def __init__(self, deadline: asyncio.Timeout, idle: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._deadline = deadline
+        self._idle = idle
+        self._last = self._loop.time()
+        self.sending = False  # the user is being written to
+        self._handle = self._loop.call_at(self._last + idle, self._check)
+
+    def moved(self) -> None:
+        self._last = self._loop.time()
+
+    def writing(self) -> None:
+        self.sending = True
+
+    def sent(self) -> None:
+        """The user took the write."""
+        self.sending = False
+        self._last = self._loop.time()
+
+    def _check(self) -> None:
+        due = self._last + self._idle
+        if self._loop.time() >= due:
+            self._deadline.reschedule(self._loop.time())  # expires now: the relay is cancelled
+        else:
+            self._handle = self._loop.call_at(due, self._check)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
 Accepts = Callable[[Session], bool]

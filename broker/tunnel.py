@@ -9,6 +9,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -50,6 +51,43 @@ class Interrupt:
 ReplyEvent = Head | Chunk | End | Interrupt
 
 
+class Events:
+    """An exchange's reply events, in order, for the one task that waits on them.
+
+    What the relay uses of an asyncio.Queue, at a fraction of its cost per event (a
+    streamed reply has thousands): no task accounting, no putters, one waiter at most.
+    """
+
+    __slots__ = ("_items", "_loop", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque[ReplyEvent] = deque()
+        self._loop = asyncio.get_running_loop()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, event: ReplyEvent) -> None:
+        self._items.append(event)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def get_nowait(self) -> ReplyEvent:
+        """The next event; IndexError if there is none."""
+        return self._items.popleft()
+
+    async def get(self) -> ReplyEvent:
+        while not self._items:
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
+
 class Exchange:
     """One request in flight on one connector."""
 
@@ -58,7 +96,7 @@ class Exchange:
     def __init__(self, session: "Session", request_id: int) -> None:
         self.id = request_id
         self.session = session
-        self.events: asyncio.Queue[ReplyEvent] = asyncio.Queue()
+        self.events = Events()
         self.credit = asyncio.Event()  # set when the connector grants room for more body
 
     def consumed(self, size: int) -> None:

@@ -51,6 +51,10 @@ HOUR = 3600
 HOURS_PER_DAY = 24
 QUEUE_LIMIT = 100_000  # records waiting for the database: a few tens of MB at most
 BATCH_SIZE = 1000  # records per transaction
+# Rows per INSERT statement of a transaction. A statement's rows are prepared in the event
+# loop's thread in one go (here and in SQLAlchemy), several microseconds each: a statement
+# of a whole batch would hold up every request in flight for milliseconds.
+ROWS_PER_STATEMENT = 50
 # After the first record of a batch, the flusher waits this long for more: at a low rate each
 # request would otherwise be a transaction of its own, its cost landing beside the requests.
 BATCH_WINDOW = 0.2
@@ -226,13 +230,14 @@ class UsageStore:
                 self._queue.task_done()
 
     async def _write(self, batch: list[UsageRecord]) -> None:
-        request_rows = [_request_row(record) for record in batch]
-        hourly_rows = _hourly_rows(request_rows)
-
         async def transaction() -> None:
             async with self.engine.begin() as connection:
-                await connection.execute(insert(usage_requests), request_rows)
-                await connection.execute(self._add_to_hourly, hourly_rows)
+                request_rows: list[dict[str, Any]] = []
+                for start in range(0, len(batch), ROWS_PER_STATEMENT):
+                    rows = [_request_row(record) for record in batch[start : start + ROWS_PER_STATEMENT]]
+                    await connection.execute(insert(usage_requests), rows)
+                    request_rows += rows
+                await connection.execute(self._add_to_hourly, _hourly_rows(request_rows))
 
         if await self._until_done(transaction, f"write {len(batch)} usage records"):
             self.written += len(batch)
@@ -361,5 +366,5 @@ def _shown(group: Group, value: Any) -> object:
 def count_tokens(metrics: Metrics, record: UsageRecord) -> None:
     """Prometheus: the record's tokens by user, model and kind."""
     user = record.user or UNNAMED
-    metrics.tokens.labels(user, record.model, "prompt").inc(_count(record.prompt_tokens))
-    metrics.tokens.labels(user, record.model, "completion").inc(_count(record.completion_tokens))
+    metrics.child(metrics.tokens, user, record.model, "prompt").inc(_count(record.prompt_tokens))
+    metrics.child(metrics.tokens, user, record.model, "completion").inc(_count(record.completion_tokens))

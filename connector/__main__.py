@@ -1,6 +1,7 @@
 """``python -m connector``: dial out to the broker(s) and serve the local LLM through them."""
 
 import asyncio
+import gc
 import importlib
 import importlib.util
 import logging
@@ -38,6 +39,7 @@ async def run(argv: list[str]) -> int:
     llm = LLMClient(settings.llm_url)
     fleet = Fleet(settings, llm)
     health = await serve_health(settings.health_port, fleet.health) if settings.health_port else None
+    gc.freeze()  # start-up's objects live on: a full collection need not scan them (as the broker)
     main = asyncio.create_task(fleet.run())
     stopping: list[asyncio.Task[None]] = []
 

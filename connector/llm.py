@@ -78,3 +78,12 @@ class LLMClient:
 
     async def aclose(self) -> None:
         await self._transport.aclose()
+
+
+def body_of(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The body of a response from ``LLMClient.stream``, as the transport reads it: httpx's
+    aiter_raw would add a generator and a re-chunker per piece, for nothing here (the
+    stream closes with the response)."""
+    stream = response.stream
+    assert isinstance(stream, httpx.AsyncByteStream)
+    return aiter(stream)

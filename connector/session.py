@@ -18,7 +18,7 @@ import httpx
 import msgspec
 
 from connector.links import make_client
-from connector.llm import Forbidden, LLMClient
+from connector.llm import Forbidden, LLMClient, body_of
 from connector.path import PathProfile
 from connector.pinning import MISDIRECT_ATTEMPTS, Misdirected, check_pinned, probe_uplink
 from connector.rotation import Rotation
@@ -499,7 +499,7 @@ class Session:
                     raw = [(k, v) for k, v in raw if k.lower() != "content-length"]
                 conn.send_head(request_id, response.status_code, raw, (time.perf_counter() - started) * 1000)
                 self._wake.set()
-                async for data in response.aiter_raw():
+                async for data in body_of(response):
                     forward = meter.feed(data)
                     if forward:
                         await self._send_chunk(request_id, forward)

@@ -205,17 +205,23 @@ def _finishes(obj: dict[str, Any]) -> bool:
 
 
 def _content_chars(obj: dict[str, Any]) -> int:
-    """Characters of generated text in one event of any API."""
-    texts: list[Any] = [obj.get("delta"), obj.get("response"), obj.get("message")]
+    """Characters of generated text in one event of any API (once per event: plain loops)."""
+    total = _text_chars_of(obj.get("delta")) + _text_chars_of(obj.get("response")) + _text_chars_of(obj.get("message"))
     for choice in obj.get("choices") or ():
         if isinstance(choice, dict):
-            texts += [choice.get("text"), choice.get("delta")]
+            total += _text_chars_of(choice.get("text")) + _text_chars_of(choice.get("delta"))
+    return total
+
+
+def _text_chars_of(text: Any) -> int:
+    """Characters of a text, or of a delta's or message's text-bearing fields."""
+    if isinstance(text, str):
+        return len(text)
     total = 0
-    for text in texts:
-        if isinstance(text, dict):  # a delta or message: its text-bearing fields
-            text = "".join(v for k, v in text.items() if k in _TEXT_KEYS and isinstance(v, str))
-        if isinstance(text, str):
-            total += len(text)
+    if isinstance(text, dict):
+        for key, value in text.items():
+            if key in _TEXT_KEYS and isinstance(value, str):
+                total += len(value)
     return total
 
 
@@ -281,13 +287,17 @@ class UsageMeter:
             if len(self._pending) > 2 * JSON_TAIL:  # trimmed in steps: linear however it is cut
                 del self._pending[:-JSON_TAIL]
             return chunk
-        event_end = _EVENT_END[self._mode]
+        pending, search = self._pending, _EVENT_END[self._mode].search
+        handle = self._event if self._mode == "sse" else self._line
         # Events are cut out by offset, and the buffer trimmed once: many tiny events stay linear.
-        while found := event_end.search(self._pending, max(self._done, self._scanned)):
-            frame = bytes(self._pending[self._done : found.end()])
-            self._out.append(self._event(frame) if self._mode == "sse" else self._line(frame))
-            self._done = found.end()
-        del self._pending[: self._done]
+        start = max(self._done, self._scanned)
+        while found := search(pending, start):
+            start = found.end()
+            self._out.append(handle(bytes(pending[self._done : start])))
+            self._done = start
+            if start == len(pending):  # (the usual case: a chunk ends with its event)
+                break
+        del pending[: self._done]
         self._done = 0
         self._scanned = max(0, len(self._pending) - 3)  # an end split across chunks is found next time
         if len(self._pending) > MAX_EVENT:
@@ -397,6 +407,8 @@ _MODES: dict[str, Literal["sse", "ndjson", "json", "pass"]] = {
 
 def _sse_data(raw: bytes) -> bytes:
     """An event's data: its data lines joined, per the SSE format."""
+    if raw.startswith(b"data: ") and raw.endswith(b"\n\n") and raw.count(b"\n") == 2:
+        return raw[6:-2]  # the usual event, one data line: what the loop below would return
     data = []
     for line in raw.replace(b"\r\n", b"\n").split(b"\n"):
         if line.startswith(b"data:"):

@@ -4,8 +4,10 @@ Each test starts its own processes, so it can kill them.
 """
 
 import asyncio
+import json
 import re
 import signal
+import socket
 import time
 
 import httpx
@@ -145,6 +147,24 @@ def test_idle_timeout_cuts_a_stalled_stream(stack: Stack) -> None:
         with pytest.raises(httpx.RemoteProtocolError):
             resp.read()
     assert time.monotonic() - started < 2.5
+
+
+def test_a_user_who_stops_reading_loses_the_stream_after_the_idle_timeout(stack: Stack) -> None:
+    broker = stack.broker(CONFIG, env={"REMOTELLM_IDLE_TIMEOUT": "1"})
+    llm = stack.llm("m")
+    stack.connector(broker.url, "tok-solo", llm, "m")
+    broker.wait_models("m")
+    host, port = broker.url.removeprefix("http://").rsplit(":", 1)
+    payload = json.dumps(body(stream=True, bytes=50_000_000)).encode()
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: b\r\nauthorization: Bearer sk-user\r\n"
+    head += b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(payload)
+    with socket.socket() as user:
+        user.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once
+        user.connect((host, int(port)))
+        user.sendall(head + payload)
+        assert user.recv(12) == b"HTTP/1.1 200"  # from now on, this user reads nothing
+        wait_until(lambda: "result=user_stalled" in broker.proc.log(), timeout=30, what="the stalled user cut off")
+    wait_until(lambda: fake_state(llm)["cancelled"] == 1, timeout=10, what="the LLM call to be cancelled")
 
 
 def test_capacity_exceeded_is_429_with_retry_after(stack: Stack) -> None:

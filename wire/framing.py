@@ -5,6 +5,7 @@ msgpack values back to back are not self-delimiting, and the prefix lets the dec
 reject an oversize frame before buffering a byte of it.
 """
 
+import struct
 from collections.abc import Iterable
 
 import msgspec
@@ -14,7 +15,9 @@ from wire.frames import Frame
 # Large enough for a request body at the broker's largest allowed size plus headers.
 MAX_FRAME_SIZE = 64 * 1024 * 1024
 
-_PREFIX = 4
+_LENGTH = struct.Struct(">I")  # the prefix: a 4-byte big-endian length
+_PREFIX = _LENGTH.size
+_read_prefix = _LENGTH.unpack_from  # (int.from_bytes of a memoryview slice costs a third more per frame)
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Frame)
 
@@ -79,7 +82,7 @@ class FrameDecoder:
         view = memoryview(buf)
         try:
             while end - pos >= _PREFIX:
-                size = int.from_bytes(view[pos : pos + _PREFIX], "big")
+                (size,) = _read_prefix(buf, pos)
                 if size > self._max:
                     raise FrameError(f"frame of {size} bytes exceeds the {self._max}-byte limit")
                 if end - pos - _PREFIX < size:
