@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 import trustme
 from selenium import webdriver
 from selenium.webdriver.common.by import By
@@ -23,6 +24,9 @@ from tests.support import BrokerHandle, Proc, Stack, free_port, wait_until
 from tests.test_proxies import proxies
 from tests.test_tls import ca, trusting
 from wire import FRAMES_CONTENT_TYPE, REGISTER_PATH, Hello, encode
+
+# A browser's pages do not change with the Python that serves them: once per tox run.
+pytestmark = pytest.mark.slow
 
 __all__ = ["browser", "ca", "proxies"]  # fixtures
 

@@ -41,6 +41,7 @@ def sqlite_of(tmp_path: Path) -> str:
     return str(tmp_path / "broker-usage.db")  # what Stack gives a broker called "broker"
 
 
+@pytest.mark.slow  # twenty connectors at once: once per tox run is enough
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_a_code_is_redeemed_once_when_twenty_race_for_it(
     stack: Stack, tmp_path: Path, backend: str, request: pytest.FixtureRequest

@@ -82,6 +82,7 @@ def start(
     return brokers, files, redis_url
 
 
+@pytest.mark.slow  # three brokers, two connectors: once per tox run
 @pytest.mark.parametrize("redis", [True, False], ids=["redis", "alone"])
 def test_a_key_and_a_token_removed_from_a_shared_file_stop_on_every_broker_within_2_s(
     stack: Stack, tmp_path: Path, redis: bool
