@@ -125,6 +125,7 @@ class Session:
         self.slots = slots  # shared by every session of this connector
         self._slots_told: int | None = None  # the free slots this broker last heard
         self._slots_pending = False  # a report of the free slots is scheduled
+        self._holding: set[int] = set()  # requests holding a slot
         slots.watch(self, self._slots_changed)
 
     # --- running ------------------------------------------------------------
@@ -314,17 +315,28 @@ class Session:
             asyncio.get_running_loop().call_soon(self._tell_slots)
 
     def _tell_slots(self) -> None:
+        """More room leaves at once (requests may wait for it). Less room leaves with the next
+        write (ready_now), which is soon the request's Head: queued now, it would make a write
+        of its own, and the Head would wait the coalescing window behind it."""
         self._slots_pending = False
+        told = self._slots_told
+        if self._queue_slots(lambda free: told is None or free > told):
+            self._wake.set()
+
+    def _queue_slots(self, when: Callable[[int], bool] = lambda free: True) -> bool:
+        """Queue a report of the free slots if they changed since the last (and ``when`` agrees)."""
         free = self.slots.free
         if free is None or free == self._slots_told or not self.slots.capped_by(self) or self.closing:
-            return
+            return False
+        if not when(free):
+            return False
         self._slots_told = free
         try:
             self.conn.slots(free)
         except ProtocolError as exc:  # the broker acknowledges nothing: the session is ending anyway
             log.warning("free slots not reported: %s", exc)
-            return
-        self._wake.set()
+            return False
+        return True
 
     # --- the uplink ----------------------------------------------------------------
 
@@ -401,6 +413,7 @@ class Session:
         return self.ready_now()
 
     def ready_now(self) -> bytes:
+        self._queue_slots()  # (a report of less room waits for a write: this one)
         self._ack_by = None  # (every write acknowledges what arrived)
         return self.conn.data_to_send()
 
@@ -446,6 +459,7 @@ class Session:
         if not self.slots.take():  # refused before anything started: the broker tries elsewhere
             self.conn.end(request.id, "busy", f"at max_concurrent ({self.slots.limit}) over all brokers")
             return
+        self._holding.add(request.id)
         if request.more_body:  # (bounded: the broker sends no more than the credit we grant)
             self._bodies[request.id] = asyncio.Queue()
         task = asyncio.create_task(self._serve(request))
@@ -455,11 +469,19 @@ class Session:
     def _done(self, request_id: int, task: "asyncio.Task[None]") -> None:
         """A request's task is over, however it ended: its slot comes back."""
         self.tasks.pop(request_id, None)
-        self.slots.give_back()
+        self._release(request_id)
         if task.cancelled():  # cancelled before it ran (its Cancel came with it): _serve never sent the End
             self._bodies.pop(request_id, None)
             self.conn.end(request_id, "cancelled")
             self._wake.set()
+
+    def _release(self, request_id: int) -> bool:
+        """The request's slot comes back, once, whichever path gets here first; False if it had."""
+        if request_id not in self._holding:
+            return False
+        self._holding.discard(request_id)
+        self.slots.give_back()
+        return True
 
     def _cancel(self, request_id: int) -> None:
         task = self.tasks.get(request_id)
@@ -482,6 +504,8 @@ class Session:
             self._bodies.pop(request.id, None)
         used = meter.result()
         tokens = (used.prompt_tokens, used.completion_tokens)
+        if self._release(request.id):
+            self._queue_slots()  # the room it leaves goes with its End: one write, not two
         self.conn.end(request.id, error, detail, tokens=tokens, usage=used.source)
         self._wake.set()
         if error and error != "cancelled":
