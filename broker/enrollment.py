@@ -34,6 +34,7 @@ CODE_PREFIX = "rle_"  # an enrollment code: shown once, typed or pasted on the L
 DEFAULT_TTL = 3600  # seconds a code stays valid
 MAX_TTL = 30 * 86400
 REFRESH_INTERVAL = 1.0  # seconds between reads of the enrolled connectors (revocations of other brokers)
+START_TIMEOUT = 10.0  # how long a starting broker waits for the enrollment tables
 MAX_CODE_LENGTH = 200  # anything longer is not one of ours
 MAX_MODELS = 64
 # A connector's name becomes a metrics label and a log field: plain text, short.
@@ -344,10 +345,18 @@ class Enrollment:
         self._task: asyncio.Task[None] | None = None
         self.redeeming = 0  # redemptions in progress (the endpoint bounds them)
         self._retiring: set[str] = set()  # names whose old credential is being retired
+        self._ready = asyncio.Event()  # the tables exist and this broker has read them once
 
     def start(self) -> None:
         self.store = EnrollmentStore.open(self.database)
         self._task = asyncio.create_task(self._watch())
+
+    async def started(self) -> None:
+        """Until the tables exist and were read once, so that no request meets a database
+        without them; bounded, as an unreachable database must not keep the rest from serving."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(START_TIMEOUT):
+                await self._ready.wait()
 
     async def aclose(self) -> None:
         if self._task is not None:
@@ -430,6 +439,7 @@ class Enrollment:
                     await self.store.prepare()
                     prepared = True
                 await self.refresh()
+                self._ready.set()
                 if failing:
                     log.warning("enrollment database reachable again")
                 failing = False

@@ -192,6 +192,7 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
         hub.enrollment.start()
         accounting.start()
         app.state.accounting = accounting
+        await hub.enrollment.started()  # (before the first request: it may need the tables)
         loop = asyncio.get_running_loop()
         if reload is not None:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
