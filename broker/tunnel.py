@@ -149,7 +149,9 @@ class Session:
         self._coalescer = Coalescer()
         self._ack_by: float | None = None  # when an acknowledgement owed must leave
         self.free_slots: int | None = None  # the connector's last report, all its brokers together
-        self._opened_since_report = 0
+        # Requests opened here since the connector's last report, still open: that report may
+        # not count them, and one that ends before any report must not count for ever.
+        self._unreported: set[int] = set()
         if spec.max_concurrent is not None:
             self.conn.capacity(self.max_concurrent)  # first of all: the connector holds it over every broker
 
@@ -167,7 +169,7 @@ class Session:
         local = len(self.exchanges)
         if self.free_slots is None:
             return local
-        return max(local, self.max_concurrent - self.free_slots + self._opened_since_report)
+        return max(local, self.max_concurrent - self.free_slots + len(self._unreported))
 
     @property
     def max_concurrent(self) -> int:
@@ -220,11 +222,12 @@ class Session:
             return exchange
         exchange = self.exchanges[request_id] = Exchange(self, request_id)
         if self.free_slots is not None:
-            self._opened_since_report += 1
+            self._unreported.add(request_id)
         self._wake.set()
         return exchange
 
     def finish(self, exchange: Exchange, *, cancel: bool, on_end: Callable[[End], None] | None = None) -> None:
+        self._unreported.discard(exchange.id)
         if self.exchanges.pop(exchange.id, None) is not None and cancel and not self.closed:
             self._intent(self.conn.cancel, exchange.id)
             if on_end is not None:  # (bounded: the protocol tracks every cancelled call until its End)
@@ -397,7 +400,7 @@ class Session:
     def _report_free(self, free: int) -> None:
         if self.spec.max_concurrent is not None:  # (no cap here: nothing to track)
             self.free_slots = min(free, self.max_concurrent)
-            self._opened_since_report = 0
+            self._unreported.clear()
 
     def _violated(self, exc: ProtocolError) -> None:
         assert exc.request_id is not None

@@ -255,6 +255,26 @@ def test_a_broker_counts_a_connector_full_from_its_reports_and_its_refusals() ->
     run(scenario)
 
 
+def test_requests_that_end_before_any_report_do_not_count_for_ever() -> None:
+    """The connector reports only changes: a request served whole between two writes changes
+    nothing it reports, and the broker must not go on counting it."""
+
+    async def scenario() -> None:
+        spec = ConnectorSpec("box", b"\x00" * 32, None, None, CAP)
+        session = BrokerSession(spec, Hello("c.1", "1", ["m"]), DEFAULT_LIMITS)
+        connector = ConnectorConnection()
+        connector.inbound().feed(session.conn.data_to_send())
+        uplink = session.inbound()
+        assert uplink is not None
+        connector.slots(CAP)
+        session.receive(uplink, connector.data_to_send())
+        for _ in range(3 * CAP):
+            session.finish(session.open("POST", "/v1/chat/completions", "", [], b"{}"), cancel=False)
+        assert session.occupied == 0
+
+    run(scenario)
+
+
 def test_a_busy_refusal_goes_on_to_another_connector_or_ends_in_a_clean_429(stack: Stack, tmp_path: Path) -> None:
     """Broker b has no cap for box, broker a has 1 (the connector holds the smallest): b learns
     that box is full only from its refusal, and must take the request elsewhere."""
