@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import httpx
+import pytest
 
 from broker.config import ConnectorSpec
 from broker.tunnel import Session as BrokerSession
@@ -184,6 +185,7 @@ def all_free(brokers: list[BrokerHandle]) -> bool:
     return all(free_slots(broker) == [fleets.CAP] for broker in brokers)
 
 
+@pytest.mark.slow  # (heavy: once per tox run keeps CI under 25 minutes)
 def test_a_burst_through_two_brokers_never_has_more_than_the_cap_at_the_llm(stack: Stack, tmp_path: Path) -> None:
     brokers = two_brokers(stack, tmp_path)
     llm = stack.llm("m")

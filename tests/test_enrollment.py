@@ -66,6 +66,7 @@ def test_a_code_is_redeemed_once_when_twenty_race_for_it(
     assert code not in broker.proc.log() and won["credential"] not in broker.proc.log()
 
 
+@pytest.mark.slow  # (heavy: once per tox run keeps CI under 25 minutes)
 def test_a_code_expires(stack: Stack, tmp_path: Path) -> None:
     broker = stack.broker(CONFIG)
     code = code_of(make_code(sqlite_of(tmp_path), "late", "--ttl", "1"))

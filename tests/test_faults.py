@@ -127,6 +127,7 @@ def test_broker_restart_mid_stream(stack: Stack) -> None:
     assert httpx.post(again.url + "/v1/chat/completions", json=body(), headers=USER).status_code == 200
 
 
+@pytest.mark.slow  # (heavy: once per tox run keeps CI under 25 minutes)
 def test_polls_are_recycled_without_losing_requests(stack: Stack) -> None:
     broker = stack.broker(CONFIG, env={**FAST, "REMOTELLM_POLL_LIFETIME": "0.3"})
     stack.connector(broker.url, "tok-one", stack.llm("m"), "m")
@@ -148,6 +149,7 @@ def test_polls_are_recycled_without_losing_requests(stack: Stack) -> None:
     assert "dropped" not in broker.proc.log()
 
 
+@pytest.mark.slow  # (heavy: once per tox run keeps CI under 25 minutes)
 def test_slow_readers_hold_back_only_themselves(stack: Stack) -> None:
     """100 users who never read: the broker's memory stays flat, a fast stream keeps its pace."""
     broker = stack.broker(CONFIG, env=FAST, via="module")
@@ -213,6 +215,7 @@ def test_sigterm_on_the_connector_finishes_its_requests(stack: Stack) -> None:
     assert httpx.post(broker.url + "/v1/chat/completions", json=body(), headers=USER).status_code == 503
 
 
+@pytest.mark.slow  # (heavy: once per tox run keeps CI under 25 minutes)
 def test_sigterm_on_the_broker_drains_streams_and_connectors(stack: Stack) -> None:
     port = free_port()
     broker = stack.broker(CONFIG, env=FAST, via="module", port=port)
@@ -325,6 +328,7 @@ def test_total_timeout_ends_a_long_stream(stack: Stack) -> None:
     assert resp.status_code == 504
 
 
+@pytest.mark.slow  # (heavy: once per tox run keeps CI under 25 minutes)
 def test_a_black_holed_path_is_noticed_both_ways_and_healed(stack: Stack) -> None:
     """A NAT or proxy that drops the connection without a FIN: both sides find out from the
     silence (pings one way, heartbeats the other), and the tunnel comes back afterwards."""

@@ -185,6 +185,7 @@ def test_max_parallel_counts_slots_and_each_lease_ends_once(make_limiter: MakeLi
     run(scenario)
 
 
+@pytest.mark.slow  # (heavy: once per tox run keeps CI under 25 minutes)
 def test_ten_thousand_cancelled_requests_leave_no_slot_taken(make_limiter: MakeLimiter) -> None:
     """Cancelled while admitted, and cancelled while the admission itself was under way."""
 

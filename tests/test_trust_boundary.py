@@ -373,6 +373,7 @@ def test_the_connector_stays_on_its_origin_and_under_its_base() -> None:
 # --- users who send bodies slowly, or too much at once ---------------------------------------
 
 
+@pytest.mark.slow  # (heavy: once per tox run keeps CI under 25 minutes)
 def test_a_body_that_does_not_arrive_in_time_gets_408(stack: Stack) -> None:
     broker = stack.broker(CONFIG, user_keys=(USER_KEY,), env={"REMOTELLM_BODY_TIMEOUT": "1"})
     host, port = broker.url.removeprefix("http://").split(":")

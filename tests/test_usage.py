@@ -196,6 +196,7 @@ def test_retention_deletes_old_raw_rows_and_keeps_the_hourly_sums(database: str)
     run(scenario)
 
 
+@pytest.mark.slow  # (heavy: once per tox run keeps CI under 25 minutes)
 def test_two_brokers_writing_the_same_hours_at_once_sum_exactly(postgres: PostgresServer) -> None:
     database = fresh_postgres_database(postgres)
     records = varied_records()
