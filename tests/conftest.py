@@ -15,7 +15,7 @@ def stack(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Stack]:
     procs.close()
     report = getattr(request.node, "rep_call", None)
     if report is not None and report.failed:
-        print(procs.logs()[-20000:])
+        print(procs.logs(tail=6000))
 
 
 @pytest.fixture(scope="module")

@@ -121,8 +121,9 @@ class Stack:
         for proc in reversed(self.procs):
             proc.kill()
 
-    def logs(self) -> str:
-        return "\n".join(f"===== {p.name}\n{p.log()}" for p in self.procs)
+    def logs(self, tail: int | None = None) -> str:
+        """Every process's log (``tail``: only the last characters of each, so none is lost)."""
+        return "\n".join(f"===== {p.name}\n{p.log()[-tail if tail else 0 :]}" for p in self.procs)
 
     def llm(
         self, *models: str, api_key: str | None = None, name: str = "llm", port: int = 0, ollama: bool = False

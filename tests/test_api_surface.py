@@ -53,7 +53,7 @@ def surface(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Surface]:
     try:
         yield Surface(stack)
     except BaseException:
-        print(stack.logs()[-20000:])
+        print(stack.logs(tail=6000))
         raise
     finally:
         stack.close()

@@ -131,7 +131,7 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
         broker.wait_models("m")
         yield Fuzzed(stack, broker, h1, h2)
     except BaseException:
-        print(stack.logs()[-20000:])
+        print(stack.logs(tail=6000))
         raise
     finally:
         h1.close()

@@ -107,7 +107,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealCluster]:
     try:
         yield RealCluster(stack)
     except BaseException:
-        print(stack.logs()[-20000:])
+        print(stack.logs(tail=6000))
         raise
     finally:
         stack.close()  # kills every process by its PID (process group)
@@ -118,7 +118,7 @@ def _logs_on_failure(cluster: RealCluster, request: pytest.FixtureRequest) -> It
     yield
     report = getattr(request.node, "rep_call", None)
     if report is not None and report.failed:
-        print(cluster.stack.logs()[-20000:])
+        print(cluster.stack.logs(tail=6000))
 
 
 def test_models_are_discovered_through_the_tunnel(cluster: RealCluster) -> None:

@@ -73,7 +73,7 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
     try:
         yield Edge(stack, llm, canary)
     except BaseException:
-        print(stack.logs()[-20000:])
+        print(stack.logs(tail=6000))
         raise
     finally:
         stack.close()

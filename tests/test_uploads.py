@@ -64,7 +64,7 @@ def running(directory: Path, env: dict[str, str] | None = None, llm_key: str | N
     try:
         yield Bridge(stack, env, llm_key)
     except BaseException:
-        print(stack.logs()[-20000:])
+        print(stack.logs(tail=6000))
         raise
     finally:
         stack.close()

@@ -68,7 +68,7 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
     try:
         yield Team(stack, config)
     except BaseException:
-        print(stack.logs()[-20000:])
+        print(stack.logs(tail=6000))
         raise
     finally:
         stack.close()
