@@ -13,18 +13,107 @@ server must accept it (RFC 9112 6.1).
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterable, AsyncIterator
+import time
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from enum import Enum
 
 import h11
 import httpx
 
 CONNECT_TIMEOUT = 10.0
-MAX_IDLE = 64
+# Idle connections kept per origin: as many as a burst of streams uses, so the next burst
+# opens none (256 paced streams reopened 192 connections with 64, a third of their first-chunk
+# wait). Each is dropped after IDLE_EXPIRY, before common servers' keep-alive timeouts (5 s in
+# llama.cpp's server and in uvicorn, which serves vLLM): the connector never
+# holds a connection the server is about to close, nor a server worker longer than it would.
+MAX_IDLE = 256
+IDLE_EXPIRY = 4.0
 READ_SIZE = 65536
 # A chunked body's size lines and trailers, at most (h11's own bound for a head).
 MAX_CHUNK_LINE = 16 * 1024
 
 Origin = tuple[str, str, int]  # scheme, host, port: fixed by --llm-url, never by a request
+
+
+class Dechunker:
+    """The chunked transfer coding (RFC 9112 7.1), sans-IO: bytes in, the body's data out.
+
+    Size lines and trailers are bounded (MAX_CHUNK_LINE); anything else raises h11's
+    RemoteProtocolError, as h11 itself would.
+    """
+
+    __slots__ = ("_buf", "_left", "_state")
+
+    def __init__(self, data: bytes = b"") -> None:
+        self._buf = bytearray(data)
+        self._state = _SIZE
+        self._left = 0  # bytes of the current chunk's data still to come
+
+    @property
+    def done(self) -> bool:
+        return self._state is _DONE
+
+    @property
+    def leftover(self) -> bool:
+        """Bytes past the body's end (the server sent more than one answer)."""
+        return bool(self._buf)
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def take(self) -> bytes:
+        """The body's data fed so far and not taken yet (b"" if none)."""
+        buf, out = self._buf, []
+        while self._state is not _DONE:
+            if self._state is _DATA:
+                if not buf:
+                    break
+                piece = bytes(buf[: self._left])
+                del buf[: len(piece)]
+                out.append(piece)
+                self._left -= len(piece)
+                if self._left:
+                    break
+                self._state = _DATA_END
+                continue
+            end = buf.find(b"\r\n")
+            if end < 0:
+                if len(buf) > MAX_CHUNK_LINE:
+                    raise h11.RemoteProtocolError("chunk size line too long")
+                break
+            line = bytes(buf[:end])
+            del buf[: end + 2]
+            self._line(line)
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def _line(self, line: bytes) -> None:
+        if self._state is _DATA_END:
+            if line:
+                raise h11.RemoteProtocolError("chunk data longer than its size")
+            self._state = _SIZE
+        elif self._state is _TRAILERS:
+            if not line:
+                self._state = _DONE
+        else:
+            size_text = line.split(b";", 1)[0].strip()
+            if not size_text or len(size_text) > 16 or size_text.strip(b"0123456789abcdefABCDEF"):
+                raise h11.RemoteProtocolError("invalid chunk size")
+            self._left = int(size_text, 16)
+            self._state = _DATA if self._left else _TRAILERS
+
+
+class _Part(Enum):
+    """Where a Dechunker is in the body."""
+
+    SIZE = "a chunk's size line"
+    DATA = "a chunk's data"
+    DATA_END = "the CRLF after a chunk's data"
+    TRAILERS = "the trailer section"
+    DONE = "past the body's end"
+
+
+_SIZE, _DATA, _DATA_END, _TRAILERS, _DONE = _Part
 
 
 class _Connection:
@@ -48,46 +137,22 @@ class _Connection:
     async def chunked_body(self, keep_alive: bool) -> AsyncIterator[bytes]:
         """A chunked response body after its head, read here rather than by h11: h11 spends
         ~68,000 instructions per streamed event on its state machine (measured), more than
-        all else the connector does for it. h11 keeps the request and the head; once the
-        body has ended, a fresh h11 connection takes over a connection that stays open."""
-        buf = bytearray(self.h11.trailing_data[0])
+        all else the connector does for it. Each read gives one piece: the data of every
+        chunk in it. h11 keeps the request and the head; once the body has ended, a fresh
+        h11 connection takes over a connection that stays open."""
+        body = Dechunker(self.h11.trailing_data[0])
         while True:
-            line = await self._line(buf)
-            size_text = line.split(b";", 1)[0].strip()
-            if not size_text or len(size_text) > 16 or size_text.strip(b"0123456789abcdefABCDEF"):
-                raise h11.RemoteProtocolError("invalid chunk size")
-            size = int(size_text, 16)
-            if size == 0:
-                while await self._line(buf):  # trailers, up to the empty line
-                    pass
+            data = body.take()
+            if data:
+                yield data
+            if body.done:
                 break
-            while size:
-                if not buf:
-                    await self._more(buf)
-                piece = bytes(buf[:size])
-                del buf[: len(piece)]
-                size -= len(piece)
-                yield piece
-            if await self._line(buf):
-                raise h11.RemoteProtocolError("chunk data longer than its size")
-        if keep_alive and not buf and self.h11.our_state is h11.DONE:
+            more = await self.reader.read(READ_SIZE)
+            if not more:
+                raise h11.RemoteProtocolError("peer closed connection without sending complete message body")
+            body.feed(more)
+        if keep_alive and not body.leftover and self.h11.our_state is h11.DONE:
             self.h11 = h11.Connection(h11.CLIENT)  # the next request on this connection
-
-    async def _line(self, buf: bytearray) -> bytes:
-        """One CRLF-terminated line of a chunked body, taken off ``buf`` (bounded)."""
-        while (end := buf.find(b"\r\n")) < 0:
-            if len(buf) > MAX_CHUNK_LINE:
-                raise h11.RemoteProtocolError("chunk size line too long")
-            await self._more(buf)
-        line = bytes(buf[:end])
-        del buf[: end + 2]
-        return line
-
-    async def _more(self, buf: bytearray) -> None:
-        data = await self.reader.read(READ_SIZE)
-        if not data:
-            raise h11.RemoteProtocolError("peer closed connection without sending complete message body")
-        buf += data
 
     def close(self) -> None:
         if self.upload is not None:
@@ -118,9 +183,59 @@ def _serialize(conn: h11.Connection, head: h11.Request, body: bytes) -> bytes:
     return b"".join(part for part in parts if part)
 
 
+class _IdlePool:
+    """Idle keep-alive connections of one origin, newest reused first, each closed once it
+    has been idle for ``expiry`` seconds (checked on every use, and by a timer while any
+    is kept, so a burst's connections do not linger after it)."""
+
+    def __init__(self, expiry: float, limit: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._expiry = expiry
+        self._limit = limit
+        self._clock = clock
+        self._conns: deque[tuple[float, _Connection]] = deque()  # oldest left, newest right
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    def take(self) -> _Connection | None:
+        self.sweep()
+        return self._conns.pop()[1] if self._conns else None
+
+    def put(self, conn: _Connection) -> None:
+        self._conns.append((self._clock(), conn))
+        if len(self._conns) > self._limit:
+            self._conns.popleft()[1].close()
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._expiry, self._tick)
+
+    def sweep(self) -> None:
+        """Close the connections idle for longer than the expiry."""
+        stale = self._clock() - self._expiry
+        while self._conns and self._conns[0][0] <= stale:
+            self._conns.popleft()[1].close()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._conns:
+            self._conns.popleft()[1].close()
+
+    def _tick(self) -> None:
+        self._timer = None
+        self.sweep()
+        if self._conns:  # the next check when the oldest expires
+            wait = self._conns[0][0] + self._expiry - self._clock()
+            self._timer = asyncio.get_running_loop().call_later(max(wait, 0.05), self._tick)
+
+
 class LLMTransport:
-    def __init__(self) -> None:
-        self._idle: dict[Origin, list[_Connection]] = {}
+    def __init__(
+        self, *, idle_expiry: float = IDLE_EXPIRY, max_idle: int = MAX_IDLE, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._idle: dict[Origin, _IdlePool] = {}
+        self._pool = (idle_expiry, max_idle, clock)
         self._ssl = ssl.create_default_context()
 
     async def send(
@@ -173,8 +288,8 @@ class LLMTransport:
 
     async def _connection(self, origin: Origin, *, fresh: bool = False) -> _Connection:
         idle = self._idle.get(origin)
-        if idle and not fresh:
-            conn = idle.pop()
+        conn = idle.take() if idle is not None and not fresh else None
+        if conn is not None:
             conn.reused = True
             return conn
         scheme, host, port = origin
@@ -193,16 +308,16 @@ class LLMTransport:
             conn.h11.start_next_cycle()
         if conn.h11.our_state is h11.IDLE and conn.h11.their_state is h11.IDLE:
             conn.upload = None  # (written whole: what it was is done)
-            idle = self._idle.setdefault(conn.origin, [])
-            if len(idle) < MAX_IDLE:
-                idle.append(conn)
-                return
+            idle = self._idle.get(conn.origin)
+            if idle is None:
+                idle = self._idle[conn.origin] = _IdlePool(*self._pool)
+            idle.put(conn)
+            return
         conn.close()
 
     async def aclose(self) -> None:
         for idle in self._idle.values():
-            for conn in idle:
-                conn.close()
+            idle.close()
         self._idle.clear()
 
 
