@@ -142,6 +142,12 @@ class _Tally:
 
     def see(self, obj: dict[str, Any], complete: bool = False) -> None:
         """One event (or a whole JSON body: `complete`)."""
+        if obj.keys().isdisjoint(_USAGE_KEYS):  # most events: text, no count (checked in C, once)
+            chars = _content_chars(obj)
+            self.delivered_chars += chars
+            if chars:
+                self.fresh = False
+            return
         prompt, completion = _reported(obj)
         if prompt is not None:
             self.prompt = prompt
@@ -165,6 +171,10 @@ class _Tally:
         guess = math.ceil(self.delivered_chars / CHARS_PER_TOKEN)
         completion = self.completion or 0
         return Usage(prompt, completion if self.fresh else max(completion, guess), "estimated")
+
+
+# The keys under which any API reports usage: an event with none of them reports none.
+_USAGE_KEYS = frozenset({"usage", "response", "message", "prompt_eval_count", "eval_count"})
 
 
 def _reported(obj: dict[str, Any]) -> tuple[int | None, int | None]:
@@ -206,22 +216,31 @@ def _finishes(obj: dict[str, Any]) -> bool:
 
 def _content_chars(obj: dict[str, Any]) -> int:
     """Characters of generated text in one event of any API (once per event: plain loops)."""
-    total = _text_chars_of(obj.get("delta")) + _text_chars_of(obj.get("response")) + _text_chars_of(obj.get("message"))
-    for choice in obj.get("choices") or ():
-        if isinstance(choice, dict):
-            total += _text_chars_of(choice.get("text")) + _text_chars_of(choice.get("delta"))
+    total = 0
+    for key in ("delta", "response", "message"):
+        if key in obj:
+            total += _text_chars_of(obj[key])
+    choices = obj.get("choices")
+    if type(choices) is list:
+        for choice in choices:
+            if type(choice) is dict:
+                if "delta" in choice:
+                    total += _text_chars_of(choice["delta"])
+                if "text" in choice:
+                    total += _text_chars_of(choice["text"])
     return total
 
 
 def _text_chars_of(text: Any) -> int:
     """Characters of a text, or of a delta's or message's text-bearing fields."""
-    if isinstance(text, str):
+    if type(text) is str:
         return len(text)
+    if type(text) is not dict:
+        return 0
     total = 0
-    if isinstance(text, dict):
-        for key, value in text.items():
-            if key in _TEXT_KEYS and isinstance(value, str):
-                total += len(value)
+    for key, value in text.items():  # (a delta has a key or two)
+        if key in _TEXT_KEYS and type(value) is str:
+            total += len(value)
     return total
 
 
@@ -281,6 +300,8 @@ class UsageMeter:
         return self.strip and self._mode == "sse"
 
     def _feed(self, chunk: bytes) -> bytes:
+        if self._mode == "sse" and not self._pending and len(chunk) <= MAX_EVENT and _one_event(chunk):
+            return self._event(chunk)  # the usual chunk: one whole event (no buffer, no scan)
         self._pending += chunk
         if self._mode == "json":
             self._json_size += len(chunk)
@@ -325,19 +346,21 @@ class UsageMeter:
         """One SSE event: read its usage; return what to forward now of it and of the held one."""
         obj = _json_object(_sse_data(raw))
         if obj is None:
-            return self._release() + raw
+            return self._release() + raw if self._held else raw
         self._tally.see(obj)
-        if not self._holding:
+        if not self.strip:
             return raw
-        if obj.get("choices") == [] and isinstance(obj.get("usage"), dict):
-            return self._release(_extra_fields(_sse_data(raw)))  # the usage chunk we asked for: dropped
-        if "usage" in obj and obj["usage"] is None:
-            raw = _without_usage_null(raw)
-        out = self._release()
+        if "usage" in obj:
+            usage = obj["usage"]
+            if isinstance(usage, dict) and obj.get("choices") == []:
+                return self._release(_extra_fields(_sse_data(raw)))  # the usage chunk we asked for: dropped
+            if usage is None:
+                raw = _without_usage_null(raw)
+        out = self._release() if self._held else b""
         if _finishes(obj):
             self._held = raw  # a usage chunk may follow, with fields the LLM moved there from this one
             return out
-        return out + raw
+        return out + raw if out else raw
 
     def _release(self, extra: dict[str, bytes] | None = None) -> bytes:
         """The held chunk, with the `extra` fields it lacks spliced in before its closing brace."""
@@ -405,6 +428,11 @@ _MODES: dict[str, Literal["sse", "ndjson", "json", "pass"]] = {
 }
 
 
+def _one_event(chunk: bytes) -> bool:
+    """Whether a chunk is exactly one SSE event ending in a blank line, as servers write them."""
+    return chunk.endswith(b"\n\n") and chunk.find(b"\n\n") == len(chunk) - 2 and b"\r" not in chunk
+
+
 def _sse_data(raw: bytes) -> bytes:
     """An event's data: its data lines joined, per the SSE format."""
     if raw.startswith(b"data: ") and raw.endswith(b"\n\n") and raw.count(b"\n") == 2:
@@ -418,7 +446,7 @@ def _sse_data(raw: bytes) -> bytes:
 
 
 def _json_object(data: bytes) -> dict[str, Any] | None:
-    if not data.lstrip().startswith(b"{"):
+    if data[:1] != b"{" and not data.lstrip().startswith(b"{"):
         return None  # `[DONE]`, pings, blank keep-alive lines
     try:
         obj = _decode(data)
