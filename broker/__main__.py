@@ -17,7 +17,6 @@ from broker import hypercorn_fixes
 from broker.config import ConfigError, load_file
 from broker.edge import warn_cleartext
 from broker.enroll_cli import enroll_main
-from broker.hub import Hub
 from broker.keys import hash_form
 from broker.logs import log
 from broker.server import create_app
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 async def _serve(settings: Settings, reload: Callable[[], Settings]) -> None:
     """hypercorn, with a shutdown that first drains the tunnels (plain hypercorn cannot)."""
     broker = create_app(settings, reload)
-    hub: Hub = broker.state.hub
+    hub = broker.hub
     app = hypercorn_fixes.install(broker)
     signalled = asyncio.Event()
     loop = asyncio.get_running_loop()

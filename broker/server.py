@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -21,10 +20,11 @@ from starlette.routing import Route
 from broker import console, logs, tunnel_api
 from broker.accounting import Accounting
 from broker.affinity import affinity_of
-from broker.asgi import Receive, Scope, Send
+from broker.asgi import ASGIApp, Receive, Scope, Send
 from broker.edge import CanonicalTarget
 from broker.enroll_api import enroll, rotate
 from broker.errors import error_body
+from broker.front import FrontDoor
 from broker.hub import Hub
 from broker.metrics import CONTENT_TYPE
 from broker.relay import Relay
@@ -181,7 +181,29 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return _error(status, code, f"{request.method} {request.url.path}: {code.replace('_', ' ')}")
 
 
-def create_app(settings: Settings, reload: Callable[[], Settings] | None = None) -> Starlette:
+# The GET routes under the forwarded API's prefixes that the broker answers itself.
+_LOCAL_GETS = {
+    "/v1/models": list_models,
+    "/v1/models/{model:path}": get_model,
+    "/v1/usage": usage,
+    "/api/tags": ollama_tags,
+    "/api/ps": ollama_ps,
+    "/api/version": ollama_version,
+}
+
+
+class BrokerApp:
+    """The composed broker: the canonical-target check, the front door, Starlette; and its hub."""
+
+    def __init__(self, app: ASGIApp, hub: Hub) -> None:
+        self.app = app
+        self.hub = hub
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+def create_app(settings: Settings, reload: Callable[[], Settings] | None = None) -> BrokerApp:
     """The app; ``reload`` re-reads keys and connectors on SIGHUP and when the YAML changes."""
     logs.setup()
     hub = Hub(settings)
@@ -212,28 +234,22 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
-        Route("/v1/models", list_models, methods=["GET"]),
-        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
-        Route("/v1/usage", usage, methods=["GET"]),
-        Route("/api/tags", ollama_tags, methods=["GET"]),
-        Route("/api/ps", ollama_ps, methods=["GET"]),
-        Route("/api/version", ollama_version, methods=["GET"]),
-        # Every other method and path is the relay's to accept (the forwarded API) or refuse.
-        Route("/v1/{path:path}", relay, methods=None),
-        Route("/api/{path:path}", relay, methods=None),
-        Route(REGISTER_PATH, _TunnelEndpoint(hub, tunnel_api.register), methods=["POST"]),
-        Route(POLL_PATH, _TunnelEndpoint(hub, tunnel_api.poll), methods=["GET"]),
-        Route(REPLY_PATH, _TunnelEndpoint(hub, tunnel_api.reply), methods=["POST"]),
+        *(Route(path, handler, methods=["GET"]) for path, handler in _LOCAL_GETS.items()),
         Route(ENROLL_PATH, enroll, methods=["POST"]),
         Route(ROTATE_PATH, rotate, methods=["POST"]),
         *console.routes(),
     ]
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(CanonicalTarget)],
         exception_handlers={404: _http_error, 405: _http_error},
         lifespan=lifespan,
     )
     app.router.redirect_slashes = False  # a redirect would send clients to a path nobody forwards
     app.state.hub = hub
-    return app
+    tunnel: dict[str, tuple[str, ASGIApp]] = {
+        REGISTER_PATH: ("POST", _TunnelEndpoint(hub, tunnel_api.register)),
+        POLL_PATH: ("GET", _TunnelEndpoint(hub, tunnel_api.poll)),
+        REPLY_PATH: ("POST", _TunnelEndpoint(hub, tunnel_api.reply)),
+    }
+    # Every other method and path of the forwarded API is the relay's to accept or refuse.
+    return BrokerApp(CanonicalTarget(FrontDoor(app, relay, tunnel, local_gets=_LOCAL_GETS)), hub)
