@@ -16,6 +16,15 @@ serving entry points (``python -m broker``, ``broker.app``), never by building t
 - **Drain unread request bodies** (hypercorn #329): DATA arriving for a stream whose
   handler already finished tears down the whole HTTP/2 connection — for the tunnel, every
   poll and uplink of a connector. So no response ends before its request body did.
+- **One write per connection per loop step.** hypercorn writes every h11 event on its own:
+  a response's head, each body message and its end are separate send() calls, and on
+  loopback a send costs the sender the receiver's TCP work too (a fifth of the broker's CPU
+  in a burst of short streams; py-spy). Writes are gathered until the end of the loop step
+  (bounded, drained as before), so a head and the chunks that came with it go out as one.
+- **Chunks framed without h11.** h11 spends more on sending one chunk of a streamed
+  HTTP/1.1 response (an event object, its state machine, a writer) than all else the broker
+  does for it; a chunk changes none of h11's state, so a chunked body's data is framed here
+  (RFC 9112 7.1) and h11 keeps the head and the end. Any other body goes through h11.
 - **No request limit per connection.** hypercorn sends GOAWAY after 1000 requests on a
   connection by default (a setting of its Config only): ``python -m broker`` lifts it.
 """
@@ -28,10 +37,14 @@ from typing import Any
 import h2.errors
 import h2.exceptions
 import h2.settings
+import h11
 import priority.priority
+from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.config import Config
-from hypercorn.protocol.events import StreamClosed
+from hypercorn.events import RawData
+from hypercorn.protocol.events import Body, StreamClosed
 from hypercorn.protocol.h2 import H2Protocol
+from hypercorn.protocol.h11 import H11Protocol
 
 from broker.asgi import ASGIApp, Message, Receive, Scope, Send
 
@@ -42,6 +55,7 @@ CONNECTION_WINDOW_EXTRA = 16 * 1024 * 1024
 KEEP_ALIVE_MAX_REQUESTS = 2**31  # a tunnel connection carries requests for days
 BACKLOG = 1024  # hypercorn's 100 is below a burst of a few hundred new users
 BODY_DRAIN_TIMEOUT = 10.0  # an upload we refuse is still read to its end, for at most this long
+CORK_LIMIT = 64 * 1024  # gathered bytes past which a write goes out at once
 
 
 class UnsupportedHypercorn(RuntimeError):
@@ -58,6 +72,8 @@ def install(app: ASGIApp) -> ASGIApp:
     if not getattr(H2Protocol, "_remotellm_patched", False):
         _reset_cut_streams()
         _enlarge_windows()
+        _cork_writes()
+        _frame_chunks()
         H2Protocol._remotellm_patched = True  # type: ignore[attr-defined]
     return DrainBody(app)
 
@@ -115,6 +131,89 @@ def _enlarge_windows() -> None:
 
     H2Protocol.__init__ = __init__  # type: ignore[method-assign]
     H2Protocol.initiate = initiate  # type: ignore[method-assign]
+
+
+def _cork_writes() -> None:
+    original_init = TCPServer.__init__
+
+    def __init__(self: TCPServer, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        self.writer = CorkedWriter(self.writer)  # type: ignore[assignment]
+
+    TCPServer.__init__ = __init__  # type: ignore[method-assign]
+
+
+def _frame_chunks() -> None:
+    try:
+        from h11._writers import ChunkedWriter  # h11's own, to know a chunked body when it sees one
+    except ImportError:  # an h11 laid out otherwise: every chunk goes through h11, as before
+        return
+    original = H11Protocol.stream_send
+
+    async def stream_send(self: H11Protocol, event: Any) -> None:
+        connection = self.connection
+        if (
+            type(event) is Body
+            and event.data
+            and connection.our_state is h11.SEND_BODY
+            and type(getattr(connection, "_writer", None)) is ChunkedWriter
+        ):
+            await self.send(RawData(data=b"%x\r\n%b\r\n" % (len(event.data), event.data)))
+            return
+        await original(self, event)
+
+    H11Protocol.stream_send = stream_send  # type: ignore[method-assign]
+
+
+class CorkedWriter:
+    """A StreamWriter whose writes of one loop step leave as one, at the step's end.
+
+    Backpressure is the writer's own: ``drain`` sends what is gathered once it reaches
+    CORK_LIMIT, then waits as StreamWriter does. Closing sends what is gathered first.
+    """
+
+    __slots__ = ("_loop", "_parts", "_size", "_writer")
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self._loop = asyncio.get_running_loop()
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def write(self, data: bytes) -> None:
+        if not self._parts:
+            self._loop.call_soon(self.flush)
+        self._parts.append(data)
+        self._size += len(data)
+
+    async def drain(self) -> None:
+        if self._size >= CORK_LIMIT:
+            self.flush()
+        await self._writer.drain()
+
+    def flush(self) -> None:
+        """Send what is gathered (a broken connection drops it: its reader learns of the loss)."""
+        if not self._parts:
+            return
+        data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
+        self._parts.clear()
+        self._size = 0
+        with contextlib.suppress(ConnectionError, RuntimeError):  # (uvloop raises on a closed transport)
+            self._writer.write(data)
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._writer.write_eof()
+
+    def close(self) -> None:
+        self.flush()
+        self._writer.close()
+
+    async def wait_closed(self) -> None:
+        await self._writer.wait_closed()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._writer.get_extra_info(name, default)
 
 
 class DrainBody:
