@@ -8,6 +8,10 @@ serving entry points (``python -m broker``, ``broker.app``), never by building t
   connection idles out, and every other stream on it dies with it. The relay ends a broken
   response this way on purpose (a truncated stream must not look complete), so such a
   stream is reset instead.
+- **DATA of a refused stream.** Shutting down, hypercorn refuses a new HTTP/2 stream (a
+  reset, and no stream object) but hands DATA of the same read to that stream unguarded:
+  the KeyError ends ``serve()`` and the broker exits 1 after its drain (a connector that
+  re-dialled a draining broker, seen in CI). Such DATA now goes nowhere.
 - **Larger receive windows.** hypercorn advertises HTTP/2's default 64 KiB windows and
   offers no setting; a connector's uplink, which carries every reply of the connector,
   then stalls for tens of milliseconds at a time. Streams get 4 MiB and the connection
@@ -71,6 +75,7 @@ def install(app: ASGIApp) -> ASGIApp:
         )
     if not getattr(H2Protocol, "_remotellm_patched", False):
         _reset_cut_streams()
+        _drop_data_of_refused_streams()
         _enlarge_windows()
         _cork_writes()
         _frame_chunks()
@@ -103,6 +108,31 @@ def _reset_cut_streams() -> None:
         await original(self, event)
 
     H2Protocol.stream_send = stream_send  # type: ignore[method-assign]
+
+
+def _drop_data_of_refused_streams() -> None:
+    original_init = H2Protocol.__init__
+
+    def __init__(self: H2Protocol, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        self.streams = _Streams()
+
+    H2Protocol.__init__ = __init__  # type: ignore[method-assign]
+
+
+class _Streams(dict[int, Any]):
+    """An H2Protocol's streams by id; looking up one that is not there finds no stream."""
+
+    def __missing__(self, stream_id: int) -> "_NoStream":
+        return _NO_STREAM
+
+
+class _NoStream:
+    async def handle(self, event: Any) -> None:
+        """Whatever it was for (DATA of a refused stream): nobody waits for it."""
+
+
+_NO_STREAM = _NoStream()
 
 
 def _enlarge_windows() -> None:
