@@ -28,7 +28,8 @@ class FrameError(ValueError):
 
 def encode(frame: Frame) -> bytes:
     """One frame with its length prefix."""
-    return encode_many((frame,))
+    payload = _encoder.encode(frame)
+    return _LENGTH.pack(len(payload)) + payload
 
 
 def encode_many(frames: Iterable[Frame]) -> bytes:
@@ -37,7 +38,7 @@ def encode_many(frames: Iterable[Frame]) -> bytes:
     for frame in frames:
         start = len(buf)
         _encoder.encode_into(frame, buf, start + _PREFIX)
-        buf[start : start + _PREFIX] = (len(buf) - start - _PREFIX).to_bytes(_PREFIX, "big")
+        _LENGTH.pack_into(buf, start, len(buf) - start - _PREFIX)
     return bytes(buf)
 
 

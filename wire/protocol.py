@@ -26,8 +26,6 @@ from collections import deque
 from collections.abc import Callable
 from enum import Enum
 
-import msgspec
-
 from wire.frames import (
     INITIAL_CREDIT,
     UPLOAD_CREDIT,
@@ -51,10 +49,8 @@ from wire.frames import (
     Slots,
     UsageSource,
 )
-from wire.framing import MAX_FRAME_SIZE, FrameDecoder, FrameError
+from wire.framing import MAX_FRAME_SIZE, FrameDecoder, FrameError, encode
 from wire.limits import DEFAULT_LIMITS, Limits, check_brokers, check_models
-
-_encoder = msgspec.msgpack.Encoder()
 
 # Frames received are acknowledged at most this much later when nothing else goes out
 # to carry the acknowledgement sooner.
@@ -75,11 +71,6 @@ class ProtocolError(Exception):
     def __init__(self, message: str, request_id: int | None = None) -> None:
         super().__init__(message if request_id is None else f"request {request_id}: {message}")
         self.request_id = request_id
-
-
-def _encode(frame: Frame) -> bytes:
-    payload = _encoder.encode(frame)
-    return len(payload).to_bytes(4, "big") + payload
 
 
 class _Window:
@@ -138,7 +129,7 @@ class _Endpoint:
     def _send(self, frame: Frame) -> None:
         if len(self._unacked) >= self.limits.max_unacked:
             raise ProtocolError(f"the peer has not acknowledged {len(self._unacked)} frames")
-        data = _encode(frame)
+        data = encode(frame)
         self._unacked.append(data)
         self._unwritten.append(data)
 
@@ -149,7 +140,7 @@ class _Endpoint:
         new poll, a keepalive)."""
         if not self._unwritten and self._received == self._acked_to_peer and not force:
             return b""
-        header = _encode(Batch(self._written, self._received))
+        header = encode(Batch(self._written, self._received))
         self._acked_to_peer = self._received
         frames = self._unwritten
         if limit is None or len(frames) < 2:
