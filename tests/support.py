@@ -4,6 +4,7 @@ Every process runs in its own session (process group), so a kill also takes the
 children hypercorn forks; every wait here has a bound.
 """
 
+import asyncio
 import contextlib
 import os
 import re
@@ -52,6 +53,17 @@ def wait_until(check: Callable[[], T], timeout: float = 15.0, interval: float = 
             last_error = exc
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what or check}: {last_error!r}")
+
+
+async def llm_received(client: httpx.AsyncClient, llm: str, count: int, timeout: float = 15.0) -> None:
+    """Wait, without blocking the event loop (a request of the test may be on its way), until
+    the fake LLM at ``llm`` has received ``count`` requests: an event, not a guess at how long
+    the bridge takes on this machine."""
+    deadline = time.monotonic() + timeout
+    while (await client.get(llm + "/_fake/state")).json()["requests"] < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the LLM did not receive {count} request(s) within {timeout} s")
+        await asyncio.sleep(0.02)
 
 
 class Proc:

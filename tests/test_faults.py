@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.faultrelay import FaultRelay
-from tests.support import Stack, free_port, rss_kib, wait_until
+from tests.support import Stack, free_port, llm_received, rss_kib, wait_until
 from wire import (
     REGISTER_PATH,
     REPLY_PATH,
@@ -258,7 +258,7 @@ def test_a_connector_cannot_answer_another_connectors_request(stack: Stack) -> N
             pending = asyncio.create_task(
                 client.post(broker.url + "/v1/chat/completions", json=body(head_delay_ms=800), headers=USER)
             )
-            await asyncio.sleep(0.3)
+            await llm_received(client, llm, 1)  # its request is open: the forgery names live ids
             forged = encode_many(
                 [Batch(0, 0)]
                 + [Head(i, 200, [("x-forged", "yes")]) for i in range(1, 200)]

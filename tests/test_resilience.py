@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.support import Stack, free_port, wait_until
+from tests.support import Stack, free_port, llm_received, wait_until
 
 USER = {"authorization": "Bearer sk-user"}
 CONFIG = """
@@ -98,7 +98,7 @@ def test_connector_killed_before_the_head_is_502(stack: Stack) -> None:
             pending = asyncio.create_task(
                 client.post(broker.url + "/v1/chat/completions", json=body(hang=True), headers=USER)
             )
-            await asyncio.sleep(0.5)
+            await llm_received(client, llm, 1)  # routed, and held by the LLM: no head yet
             connector.kill()
             return await pending
 
@@ -177,7 +177,7 @@ def test_capacity_exceeded_is_429_with_retry_after(stack: Stack) -> None:
         async with httpx.AsyncClient(timeout=20) as client:
             url = broker.url + "/v1/chat/completions"
             slow = asyncio.create_task(client.post(url, json=body("tight-model", head_delay_ms=3500), headers=USER))
-            await asyncio.sleep(0.3)
+            await llm_received(client, llm, 1)  # the slow one holds the only slot
             quick = await client.post(url, json=body("tight-model"), headers=USER)
             return [await slow, quick]
 
@@ -198,7 +198,7 @@ def test_a_queued_request_gets_the_freed_slot(stack: Stack) -> None:
         async with httpx.AsyncClient(timeout=20) as client:
             url = broker.url + "/v1/chat/completions"
             first = asyncio.create_task(client.post(url, json=body("tight-model", head_delay_ms=500), headers=USER))
-            await asyncio.sleep(0.2)
+            await llm_received(client, llm, 1)  # the first holds the only slot: the second queues
             second = await client.post(url, json=body("tight-model"), headers=USER)
             return [(await first).status_code, second.status_code]
 
