@@ -34,6 +34,12 @@ _ANTHROPIC_TYPES = {
 }
 
 
+def routing_error(method: str, path: str, status: int) -> tuple[str, str]:
+    """The code and message of a request no route takes (404, 405; else an internal error)."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(status, "internal_error")
+    return code, f"{method} {path}: {code.replace('_', ' ')}"
+
+
 def error_body(status: int, code: str, message: str, family: Family = Family.OPENAI) -> bytes:
     if family is Family.ANTHROPIC:
         kind = _ANTHROPIC_TYPES.get(status, "api_error")

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Iterable
 
 from broker.asgi import ASGIApp, Receive, Scope, Send
-from broker.errors import send_error
+from broker.errors import routing_error, send_error
 from broker.routes import family
 
 log = logging.getLogger("remotellm.broker")
@@ -69,5 +69,4 @@ async def _guarded(handler: ASGIApp, scope: Scope, receive: Receive, send: Send)
 
 
 async def _method_not_allowed(scope: Scope, receive: Receive, send: Send) -> None:
-    path = scope["path"]
-    await send_error(send, 405, "method_not_allowed", f"{scope['method']} {path}: method not allowed")
+    await send_error(send, 405, *routing_error(scope["method"], scope["path"], 405))

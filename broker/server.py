@@ -23,7 +23,7 @@ from broker.affinity import affinity_of
 from broker.asgi import ASGIApp, Receive, Scope, Send
 from broker.edge import CanonicalTarget
 from broker.enroll_api import enroll, rotate
-from broker.errors import error_body
+from broker.errors import error_body, routing_error
 from broker.front import FrontDoor
 from broker.hub import Hub
 from broker.metrics import CONTENT_TYPE
@@ -177,8 +177,7 @@ async def ollama_version(request: Request) -> Response:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     status = exc.status_code if isinstance(exc, HTTPException) else 500
-    code = {404: "not_found", 405: "method_not_allowed"}.get(status, "internal_error")
-    return _error(status, code, f"{request.method} {request.url.path}: {code.replace('_', ' ')}")
+    return _error(status, *routing_error(request.method, request.url.path, status))
 
 
 # The GET routes under the forwarded API's prefixes that the broker answers itself.
