@@ -29,6 +29,11 @@ serving entry points (``python -m broker``, ``broker.app``), never by building t
   HTTP/1.1 response (an event object, its state machine, a writer) than all else the broker
   does for it; a chunk changes none of h11's state, so a chunked body's data is framed here
   (RFC 9112 7.1) and h11 keeps the head and the end. Any other body goes through h11.
+- **Idle timeouts on a timer.** For every idle spell of a connection (each keep-alive
+  request ends one and starts the next) hypercorn starts a task, which ``wait_for`` wraps in
+  a second, and cancels both when the next request comes: a tenth of the broker in a burst
+  of short streams (py-spy). A timer handle does the same job; the idle connections still
+  close at once when the server terminates.
 - **No request limit per connection.** hypercorn sends GOAWAY after 1000 requests on a
   connection by default (a setting of its Config only): ``python -m broker`` lifts it.
 """
@@ -79,6 +84,7 @@ def install(app: ASGIApp) -> ASGIApp:
         _enlarge_windows()
         _cork_writes()
         _frame_chunks()
+        _time_idle_connections()
         H2Protocol._remotellm_patched = True  # type: ignore[attr-defined]
     return DrainBody(app)
 
@@ -193,6 +199,70 @@ def _frame_chunks() -> None:
         await original(self, event)
 
     H11Protocol.stream_send = stream_send  # type: ignore[method-assign]
+
+
+def _time_idle_connections() -> None:
+    original_init = TCPServer.__init__
+
+    def __init__(self: TCPServer, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        self.idle_task = IdleTimer(self)  # type: ignore[assignment]
+
+    TCPServer.__init__ = __init__  # type: ignore[method-assign]
+
+
+class IdleTimer:
+    """A TCPServer's idle timeout (hypercorn's ``idle_task``): past ``keep_alive_timeout``
+    idle, or at once when the server terminates, the connection closes as hypercorn's own
+    ``_idle_timeout`` would close it."""
+
+    __slots__ = ("_handle", "_server")
+
+    def __init__(self, server: TCPServer) -> None:
+        self._server = server
+        self._handle: asyncio.TimerHandle | None = None
+
+    async def restart(self, task_group: Any, action: Any) -> None:
+        """(``action`` is hypercorn's task-based timeout, which this replaces.)"""
+        self._cancel()
+        server = self._server
+        idle = _idle_connections(server.context)
+        if server.context.terminated.is_set():
+            self._expire()
+            return
+        self._handle = server.loop.call_later(server.config.keep_alive_timeout, self._expire)
+        idle.add(self)
+
+    async def stop(self) -> None:
+        self._cancel()
+
+    def _cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+            _idle_connections(self._server.context).discard(self)
+
+    def _expire(self) -> None:
+        self._cancel()
+        server = self._server
+        with contextlib.suppress(RuntimeError):  # its task group is already shutting down: it closes anyway
+            server._task_group.spawn(server._initiate_server_close)
+
+
+def _idle_connections(context: Any) -> "set[IdleTimer]":
+    """The idle connections of a worker, closed together when it terminates (one task per
+    worker waits for that, not one per connection)."""
+    idle: set[IdleTimer] | None = getattr(context, "_remotellm_idle", None)
+    if idle is None:
+        idle = context._remotellm_idle = set()
+
+        async def close_when_terminated() -> None:
+            await context.terminated.wait()
+            for timer in list(idle):
+                timer._expire()
+
+        context._remotellm_idle_watch = asyncio.ensure_future(close_when_terminated())
+    return idle
 
 
 class CorkedWriter:

@@ -2,6 +2,7 @@
 
 import asyncio
 import socket
+from collections.abc import Awaitable, Callable
 
 import h2.config
 import h2.connection
@@ -94,3 +95,102 @@ def test_data_of_a_stream_refused_while_shutting_down_goes_nowhere() -> None:
 
     events = asyncio.run(main())
     assert any(isinstance(e, h2.events.StreamReset) and e.stream_id == 1 for e in events)
+
+
+async def _serve_briefly(
+    app: object, *, keep_alive: float, graceful: float, scenario: Callable[[int], Awaitable[None]]
+) -> float:
+    """Serve ``app`` with the fixes installed on a free port, run ``scenario(port)`` against
+    it, then shut down; returns how long serve() took to return after the trigger."""
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.keep_alive_timeout = keep_alive
+    config.graceful_timeout = graceful
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    config.bind = [f"127.0.0.1:{port}"]
+    stop = asyncio.Event()
+    server = asyncio.ensure_future(serve(hypercorn_fixes.install(app), config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
+    try:
+        for _ in range(500):  # bounded: until it listens
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                await asyncio.sleep(0.01)
+                continue
+            writer.close()
+            break
+        await scenario(port)
+    finally:
+        stop.set()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.wait_for(server, 60)
+    return loop.time() - started
+
+
+async def _ok(scope: dict[str, object], receive: object, send: Callable[[dict[str, object]], Awaitable[None]]) -> None:
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+_Send = Callable[[dict[str, object]], Awaitable[None]]
+_GET = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n"
+
+
+async def _get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    writer.write(_GET)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    return head + await asyncio.wait_for(reader.readexactly(2), 10)
+
+
+def test_an_idle_connection_closes_after_the_keep_alive_timeout_and_a_busy_one_does_not() -> None:
+    """The idle timeout runs on a timer: it closes a connection idle past keep_alive_timeout,
+    restarts after each request, and is off while a request is in flight (this one takes
+    three timeouts' worth)."""
+    release = asyncio.Event()
+
+    async def app(scope: dict[str, object], receive: object, send: _Send) -> None:
+        if scope.get("path") == "/slow":
+            await asyncio.wait_for(release.wait(), 30)
+        await _ok(scope, receive, send)
+
+    async def scenario(port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert (await _get(reader, writer)).endswith(b"ok")
+        writer.write(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n")
+        await asyncio.sleep(0.6)  # three keep-alive timeouts, busy all along
+        release.set()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200") and await asyncio.wait_for(reader.readexactly(2), 10) == b"ok"
+        assert await asyncio.wait_for(reader.read(), 10) == b"", "the idle connection was not closed"
+        writer.close()
+
+    asyncio.run(_serve_briefly(app, keep_alive=0.2, graceful=30, scenario=scenario))
+
+
+def test_idle_connections_close_at_once_when_the_server_terminates() -> None:
+    """A keep-alive connection left idle does not hold up shutdown: it closes when the server
+    terminates, not after the keep-alive timeout (1,000 s) or the graceful timeout (60 s)."""
+    conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def scenario(port: int) -> None:
+        for _ in range(3):
+            conns.append(await asyncio.open_connection("127.0.0.1", port))
+            assert (await _get(*conns[-1])).endswith(b"ok")
+
+    async def main() -> float:
+        took = await _serve_briefly(_ok, keep_alive=1000, graceful=60, scenario=scenario)
+        for reader, writer in conns:
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+            writer.close()
+        return took
+
+    assert asyncio.run(main()) < 30  # far below the graceful timeout that would end it otherwise
