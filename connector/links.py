@@ -12,6 +12,7 @@ import urllib.request
 
 import httpx
 
+from connector.netstream import AsyncioBackend
 from connector.settings import Settings
 
 CONNECT_TIMEOUT = 10.0
@@ -39,13 +40,21 @@ def make_client(settings: Settings, *, http2: bool, read_timeout: float | None) 
         verify = ssl.create_default_context()
         verify.load_verify_locations(settings.ca_certs)
     cleartext = settings.broker_url.startswith("http://")
-    return httpx.AsyncClient(
+    proxy = proxy_for(settings)
+    transport = httpx.AsyncHTTPTransport(
         # Over http:// only prior-knowledge h2c gets HTTP/2; over https:// ALPN decides.
         http1=not (http2 and cleartext),
         http2=http2,
         verify=verify,
-        proxy=proxy_for(settings),
+        proxy=proxy,
         trust_env=False,  # the proxy is resolved above, once, the way the h2c decision saw it
         limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+    )
+    # httpx takes no network backend, its pool does (httpcore's extension point). Not through
+    # an https:// proxy: TLS inside TLS is anyio's own (asyncio's start_tls on uvloop lacks it).
+    if proxy is None or not proxy.startswith("https://"):
+        transport._pool._network_backend = AsyncioBackend()
+    return httpx.AsyncClient(
+        transport=transport,
         timeout=httpx.Timeout(CONNECT_TIMEOUT, read=read_timeout, write=WRITE_TIMEOUT, pool=None),
     )
