@@ -245,8 +245,11 @@ class IdleTimer:
     def _expire(self) -> None:
         self._cancel()
         server = self._server
-        with contextlib.suppress(RuntimeError):  # its task group is already shutting down: it closes anyway
-            server._task_group.spawn(server._initiate_server_close)
+        closing = server._initiate_server_close()
+        try:  # (where hypercorn's own idle task ran)
+            server._task_group._task_group.create_task(closing)
+        except RuntimeError:  # its task group has ended: the connection is closing anyway
+            closing.close()
 
 
 def _idle_connections(context: Any) -> "set[IdleTimer]":
