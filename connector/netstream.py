@@ -2,10 +2,11 @@
 
 httpcore runs on anyio under asyncio. Each write then costs a cancel scope, a lock, a
 loop step (anyio's checkpoint) and a wait for an event; each read a cancel scope and a
-task lookup. The uplink writes hundreds of times a second, so that was a quarter of the
-connector's CPU per relayed chunk (py-spy). Here a write is a transport write and, only
-when the buffer is full, a drain; a read waits for the protocol's data. Errors map to
-httpcore's exceptions exactly as its anyio backend maps them.
+task lookup. The uplink writes hundreds of times a second: its writes were a quarter of
+the connector's CPU per relayed chunk (py-spy), and without anyio's layers the connector
+spends about 5 % less per chunk. Here a write is a transport write and a drain that waits
+only when the buffer is full; a read waits for the stream's data. Errors map to httpcore's
+exceptions as its anyio backend maps them.
 """
 
 import asyncio
@@ -19,7 +20,6 @@ import httpcore
 
 # A socket option as httpcore passes it: (level, option, value[, length]).
 SocketOption = tuple[int, int, int] | tuple[int, int, bytes | bytearray] | tuple[int, int, None, int]
-READ_LIMIT = 2**16  # asyncio's own stream limit: past it, reading pauses until the reader catches up
 
 
 class AsyncioStream(httpcore.AsyncNetworkStream):
@@ -112,7 +112,7 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         try:
             async with asyncio.timeout(timeout):
                 reader, writer = await asyncio.open_connection(
-                    host, port, local_addr=(local_address, 0) if local_address else None, limit=READ_LIMIT
+                    host, port, local_addr=(local_address, 0) if local_address else None
                 )
         except TimeoutError as exc:
             raise httpcore.ConnectTimeout(str(exc)) from exc
