@@ -8,14 +8,11 @@ from tests.support import Stack
 
 
 @pytest.fixture
-def stack(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Stack]:
-    """Processes for one test; their logs are printed when the test fails."""
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    """Processes for one test."""
     procs = Stack(tmp_path)
     yield procs
     procs.close()
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        print(procs.logs(tail=6000))
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +28,16 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServe
             stack.close()
 
 
+LOG_TAIL = 6000  # characters of each process's log shown with a failure
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    report = yield
-    setattr(item, f"rep_{report.when}", report)
+    """A test that failed (or whose fixtures failed to start) shows the processes' logs of
+    every stack open or closed since the last report (see Stack)."""
+    report: pytest.TestReport = yield
+    if report.failed and report.when in ("setup", "call"):
+        for stack in [*Stack.live, *Stack.just_closed]:
+            report.sections.append((f"processes of {stack.log_dir.name}", stack.logs(tail=LOG_TAIL)))
+    Stack.just_closed.clear()
     return report

@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import httpx
 
@@ -114,12 +114,21 @@ class Proc:
 
 
 class Stack:
-    """Starts fake LLMs, brokers and connectors for one test and kills them all after it."""
+    """Starts fake LLMs, brokers and connectors for one test and kills them all after it.
+
+    A test that fails gets the logs of every stack open, or closed since the last report
+    (conftest attaches them to its report): its own, and those of the module fixtures it
+    used, even those a failing fixture or block closed on its way out.
+    """
+
+    live: ClassVar[set["Stack"]] = set()
+    just_closed: ClassVar[list["Stack"]] = []
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.procs: list[Proc] = []
         self._count = 0
+        Stack.live.add(self)
 
     def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Proc:
         # A broker's usage database in the test's directory, never the tree's remotellm.db.
@@ -130,6 +139,9 @@ class Stack:
         return proc
 
     def close(self) -> None:
+        if self in Stack.live:
+            Stack.live.discard(self)
+            Stack.just_closed.append(self)
         for proc in reversed(self.procs):
             proc.kill()
 

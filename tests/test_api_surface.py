@@ -52,9 +52,6 @@ def surface(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Surface]:
     stack = Stack(tmp_path_factory.mktemp("surface"))
     try:
         yield Surface(stack)
-    except BaseException:
-        print(stack.logs(tail=6000))
-        raise
     finally:
         stack.close()
 

@@ -62,9 +62,6 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerHandle]:
         stack.connector(handle.url, "tok-real", stack.llm("m"), "m")
         handle.wait_models("m")
         yield handle
-    except BaseException:
-        print(stack.logs(tail=6000))
-        raise
     finally:
         stack.close()
 

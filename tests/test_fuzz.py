@@ -130,9 +130,6 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
         stack.connector(broker.url, "tok-real", stack.llm("m"), "m", name="connector-real")
         broker.wait_models("m")
         yield Fuzzed(stack, broker, h1, h2)
-    except BaseException:
-        print(stack.logs(tail=6000))
-        raise
     finally:
         h1.close()
         h2.close()

@@ -106,19 +106,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealCluster]:
     stack = Stack(tmp_path_factory.mktemp("real_llm"))
     try:
         yield RealCluster(stack)
-    except BaseException:
-        print(stack.logs(tail=6000))
-        raise
     finally:
         stack.close()  # kills every process by its PID (process group)
-
-
-@pytest.fixture(autouse=True)
-def _logs_on_failure(cluster: RealCluster, request: pytest.FixtureRequest) -> Iterator[None]:
-    yield
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        print(cluster.stack.logs(tail=6000))
 
 
 def test_models_are_discovered_through_the_tunnel(cluster: RealCluster) -> None:

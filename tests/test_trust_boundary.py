@@ -72,9 +72,6 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
     llm, canary = Recorder().start(), Recorder().start()
     try:
         yield Edge(stack, llm, canary)
-    except BaseException:
-        print(stack.logs(tail=6000))
-        raise
     finally:
         stack.close()
         llm.stop()

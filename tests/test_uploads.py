@@ -63,9 +63,6 @@ def running(directory: Path, env: dict[str, str] | None = None, llm_key: str | N
     stack = Stack(directory)
     try:
         yield Bridge(stack, env, llm_key)
-    except BaseException:
-        print(stack.logs(tail=6000))
-        raise
     finally:
         stack.close()
 

@@ -67,9 +67,6 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
     config.write_text(CONFIG)
     try:
         yield Team(stack, config)
-    except BaseException:
-        print(stack.logs(tail=6000))
-        raise
     finally:
         stack.close()
 
