@@ -51,7 +51,7 @@ def make_client(settings: Settings, *, http2: bool, read_timeout: float | None) 
         limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
     )
     # httpx takes no network backend, its pool does (httpcore's extension point). Not through
-    # an https:// proxy: TLS inside TLS is anyio's own (asyncio's start_tls on uvloop lacks it).
+    # an https:// proxy: TLS inside TLS stays anyio's (asyncio's start_tls is not tested for it here).
     if proxy is None or not proxy.startswith("https://"):
         transport._pool._network_backend = AsyncioBackend()
     return httpx.AsyncClient(
