@@ -40,6 +40,7 @@ serving entry points (``python -m broker``, ``broker.app``), never by building t
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from importlib.metadata import version
 from typing import Any
 
@@ -116,14 +117,22 @@ def _reset_cut_streams() -> None:
     H2Protocol.stream_send = stream_send  # type: ignore[method-assign]
 
 
-def _drop_data_of_refused_streams() -> None:
-    original_init = H2Protocol.__init__
+def _after_init(cls: type[Any], extend: Callable[[Any], None]) -> None:
+    """Make every new ``cls`` object pass through ``extend`` once its own __init__ is done."""
+    original_init = cls.__init__
 
-    def __init__(self: H2Protocol, *args: Any, **kwargs: Any) -> None:
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original_init(self, *args, **kwargs)
-        self.streams = _Streams()
+        extend(self)
 
-    H2Protocol.__init__ = __init__  # type: ignore[method-assign]
+    cls.__init__ = __init__
+
+
+def _drop_data_of_refused_streams() -> None:
+    def extend(protocol: H2Protocol) -> None:
+        protocol.streams = _Streams()
+
+    _after_init(H2Protocol, extend)
 
 
 class _Streams(dict[int, Any]):
@@ -142,14 +151,12 @@ _NO_STREAM = _NoStream()
 
 
 def _enlarge_windows() -> None:
-    original_init = H2Protocol.__init__
     original_initiate = H2Protocol.initiate
 
-    def __init__(self: H2Protocol, *args: Any, **kwargs: Any) -> None:
-        original_init(self, *args, **kwargs)
+    def extend(protocol: H2Protocol) -> None:
         # A fresh Settings object: values assigned to an existing one stay pending (unsent).
-        current: dict[Any, int] = dict(self.connection.local_settings)
-        self.connection.local_settings = h2.settings.Settings(
+        current: dict[Any, int] = dict(protocol.connection.local_settings)
+        protocol.connection.local_settings = h2.settings.Settings(
             client=False, initial_values={**current, h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW}
         )
 
@@ -165,18 +172,15 @@ def _enlarge_windows() -> None:
         self.connection.initiate_connection = initiate_connection  # type: ignore[method-assign]
         await original_initiate(self, *args, **kwargs)
 
-    H2Protocol.__init__ = __init__  # type: ignore[method-assign]
+    _after_init(H2Protocol, extend)
     H2Protocol.initiate = initiate  # type: ignore[method-assign]
 
 
 def _cork_writes() -> None:
-    original_init = TCPServer.__init__
+    def extend(server: TCPServer) -> None:
+        server.writer = CorkedWriter(server.writer)  # type: ignore[assignment]
 
-    def __init__(self: TCPServer, *args: Any, **kwargs: Any) -> None:
-        original_init(self, *args, **kwargs)
-        self.writer = CorkedWriter(self.writer)  # type: ignore[assignment]
-
-    TCPServer.__init__ = __init__  # type: ignore[method-assign]
+    _after_init(TCPServer, extend)
 
 
 def _frame_chunks() -> None:
@@ -202,13 +206,10 @@ def _frame_chunks() -> None:
 
 
 def _time_idle_connections() -> None:
-    original_init = TCPServer.__init__
+    def extend(server: TCPServer) -> None:
+        server.idle_task = IdleTimer(server)  # type: ignore[assignment]
 
-    def __init__(self: TCPServer, *args: Any, **kwargs: Any) -> None:
-        original_init(self, *args, **kwargs)
-        self.idle_task = IdleTimer(self)  # type: ignore[assignment]
-
-    TCPServer.__init__ = __init__  # type: ignore[method-assign]
+    _after_init(TCPServer, extend)
 
 
 class IdleTimer:
@@ -216,22 +217,22 @@ class IdleTimer:
     idle, or at once when the server terminates, the connection closes as hypercorn's own
     ``_idle_timeout`` would close it."""
 
-    __slots__ = ("_handle", "_server")
+    __slots__ = ("_handle", "_idle", "_server")
 
     def __init__(self, server: TCPServer) -> None:
         self._server = server
+        self._idle = _idle_connections(server.context)  # its worker's
         self._handle: asyncio.TimerHandle | None = None
 
     async def restart(self, task_group: Any, action: Any) -> None:
         """(``action`` is hypercorn's task-based timeout, which this replaces.)"""
         self._cancel()
         server = self._server
-        idle = _idle_connections(server.context)
         if server.context.terminated.is_set():
             self._expire()
             return
         self._handle = server.loop.call_later(server.config.keep_alive_timeout, self._expire)
-        idle.add(self)
+        self._idle.add(self)
 
     async def stop(self) -> None:
         self._cancel()
@@ -240,7 +241,7 @@ class IdleTimer:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
-            _idle_connections(self._server.context).discard(self)
+            self._idle.discard(self)
 
     def _expire(self) -> None:
         self._cancel()
