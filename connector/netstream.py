@@ -31,9 +31,7 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         try:
-            if timeout is None:
-                return await self._reader.read(max_bytes)
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout):  # (None: no timer at all)
                 return await self._reader.read(max_bytes)
         except TimeoutError as exc:
             raise httpcore.ReadTimeout(str(exc)) from exc
@@ -46,11 +44,8 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         writer = self._writer
         try:
             writer.write(buffer)
-            if timeout is None:
-                await writer.drain()  # (no wait unless the transport's buffer is full)
-                return
             async with asyncio.timeout(timeout):
-                await writer.drain()
+                await writer.drain()  # (no wait unless the transport's buffer is full)
         except TimeoutError as exc:
             raise httpcore.WriteTimeout(str(exc)) from exc
         except (OSError, RuntimeError) as exc:  # (a closed transport raises RuntimeError on uvloop)
