@@ -211,7 +211,11 @@ def _is_final(obj: dict[str, Any]) -> bool:
 def _finishes(obj: dict[str, Any]) -> bool:
     """An OpenAI chunk that ends a choice (it has a finish_reason)."""
     choices = obj.get("choices")
-    return isinstance(choices, list) and any(isinstance(c, dict) and c.get("finish_reason") for c in choices)
+    if type(choices) is list:
+        for choice in choices:  # (a loop, not any() over a generator: this runs on every event)
+            if type(choice) is dict and choice.get("finish_reason"):
+                return True
+    return False
 
 
 def _content_chars(obj: dict[str, Any]) -> int:
@@ -300,8 +304,12 @@ class UsageMeter:
         return self.strip and self._mode == "sse"
 
     def _feed(self, chunk: bytes) -> bytes:
-        if self._mode == "sse" and not self._pending and len(chunk) <= MAX_EVENT and _one_event(chunk):
-            return self._event(chunk)  # the usual chunk: one whole event (no buffer, no scan)
+        if self._mode == "sse" and not self._pending:  # the usual chunk: one whole event (no buffer, no scan)
+            data = _lone_data(chunk)
+            if data is not None:
+                return self._event(chunk, data)
+            if len(chunk) <= MAX_EVENT and _one_event(chunk):
+                return self._event(chunk, _sse_data(chunk))
         self._pending += chunk
         if self._mode == "json":
             self._json_size += len(chunk)
@@ -342,9 +350,10 @@ class UsageMeter:
             self._tally.see(obj)
         return line
 
-    def _event(self, raw: bytes) -> bytes:
-        """One SSE event: read its usage; return what to forward now of it and of the held one."""
-        obj = _json_object(_sse_data(raw))
+    def _event(self, raw: bytes, data: bytes | None = None) -> bytes:
+        """One SSE event (``data``: its data, if known already): read its usage; return what
+        to forward now of it and of the held one."""
+        obj = _json_object(_sse_data(raw) if data is None else data)
         if obj is None:
             return self._release() + raw if self._held else raw
         self._tally.see(obj)
@@ -426,6 +435,14 @@ _MODES: dict[str, Literal["sse", "ndjson", "json", "pass"]] = {
     "application/x-ndjson": "ndjson",
     "application/json": "json",
 }
+
+
+def _lone_data(chunk: bytes) -> bytes | None:
+    """The data of a chunk that is one event of one data line (``data: …`` and a blank
+    line), as OpenAI-style servers write nearly every chunk; None for any other chunk."""
+    if chunk.startswith(b"data: ") and chunk.endswith(b"\n\n") and chunk.count(b"\n") == 2 and b"\r" not in chunk:
+        return chunk[6:-2] if len(chunk) <= MAX_EVENT else None
+    return None
 
 
 def _one_event(chunk: bytes) -> bool:
