@@ -44,8 +44,14 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         writer = self._writer
         try:
             writer.write(buffer)
+            transport = writer.transport
+            if transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[0]:
+                # At or under the low-water mark writing is not paused: drain only reports a
+                # lost connection, without waiting, so no timer is needed (one per write).
+                await writer.drain()
+                return
             async with asyncio.timeout(timeout):
-                await writer.drain()  # (no wait unless the transport's buffer is full)
+                await writer.drain()
         except TimeoutError as exc:
             raise httpcore.WriteTimeout(str(exc)) from exc
         except (OSError, RuntimeError) as exc:  # (a closed transport raises RuntimeError on uvloop)

@@ -7,6 +7,7 @@ import ssl
 from pathlib import Path
 from typing import Literal
 
+import httpcore
 import httpx
 import pytest
 import trustme
@@ -116,6 +117,34 @@ def test_a_silent_server_is_a_read_timeout() -> None:
                 await client.get(url + "/")
 
     asyncio.run(main())
+
+
+def test_a_peer_that_stops_reading_is_a_write_timeout() -> None:
+    """Writes under the low-water mark skip the timer; once the buffers fill, the timeout
+    still holds (without it this would wait for ever, and the outer bound fail it)."""
+
+    async def main() -> int:
+        held: list[asyncio.StreamWriter] = []  # the server keeps its end open and never reads
+
+        async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            held.append(writer)
+
+        server = await asyncio.start_server(hold, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        stream = await AsyncioBackend().connect_tcp("127.0.0.1", port, timeout=5)
+        writes = 0
+        try:
+            async with asyncio.timeout(60):
+                with pytest.raises(httpcore.WriteTimeout):
+                    while writes < 256:  # 256 MiB at most: far beyond loopback's buffers
+                        await stream.write(b"x" * (1 << 20), timeout=0.2)
+                        writes += 1
+        finally:
+            await stream.aclose()
+            server.close()
+        return writes
+
+    assert asyncio.run(main()) >= 1  # the first writes went through
 
 
 def test_nobody_listening_is_a_connect_error() -> None:
