@@ -19,6 +19,7 @@ import msgspec
 
 from connector.links import make_client
 from connector.llm import Forbidden, LLMClient, body_of
+from connector.pacing import StartPacer
 from connector.path import PathProfile
 from connector.pinning import MISDIRECT_ATTEMPTS, Misdirected, check_pinned, probe_uplink
 from connector.rotation import Rotation
@@ -109,6 +110,7 @@ class Session:
         self.headers = ChainMap({SESSION_HEADER: welcome.session}, auth)  # (auth: live, see Rotation)
         self.conn = ConnectorConnection(Limits(max_streams=settings.max_requests))
         self.tasks: dict[int, asyncio.Task[None]] = {}
+        self._pacer = StartPacer()  # a burst of requests starts a few per loop turn
         self._credit: dict[int, asyncio.Event] = {}  # requests waiting for the broker's Credit
         self._bodies: dict[int, asyncio.Queue[Body]] = {}  # streamed bodies (within our credit)
         self._wake = asyncio.Event()  # frames (or an acknowledgement) for the uplink
@@ -491,6 +493,7 @@ class Session:
     async def _serve(self, request: Request) -> None:
         """Replay one request on the LLM; its reply frames leave on the uplink, and its End
         carries the tokens the meter read (the client gets the LLM's bytes as it would directly)."""
+        await self._pacer.turn()  # (cancelled while it waits: _done ends it)
         body, meter = prepare(request.method, request.path, request.body)
         if body is not request.body and not request.more_body:
             request = msgspec.structs.replace(request, body=body)
