@@ -304,12 +304,13 @@ class UsageMeter:
         return self.strip and self._mode == "sse"
 
     def _feed(self, chunk: bytes) -> bytes:
-        if self._mode == "sse" and not self._pending:  # the usual chunk: one whole event (no buffer, no scan)
+        if self._mode == "sse" and not self._pending and len(chunk) <= MAX_EVENT:
+            # The usual chunk: one whole event (no buffer, no scan), most often of one data line.
             data = _lone_data(chunk)
             if data is not None:
                 return self._event(chunk, data)
-            if len(chunk) <= MAX_EVENT and _one_event(chunk):
-                return self._event(chunk, _sse_data(chunk))
+            if _one_event(chunk):
+                return self._event(chunk)
         self._pending += chunk
         if self._mode == "json":
             self._json_size += len(chunk)
@@ -441,7 +442,7 @@ def _lone_data(chunk: bytes) -> bytes | None:
     """The data of a chunk that is one event of one data line (``data: …`` and a blank
     line), as OpenAI-style servers write nearly every chunk; None for any other chunk."""
     if chunk.startswith(b"data: ") and chunk.endswith(b"\n\n") and chunk.count(b"\n") == 2 and b"\r" not in chunk:
-        return chunk[6:-2] if len(chunk) <= MAX_EVENT else None
+        return chunk[6:-2]
     return None
 
 
@@ -452,8 +453,9 @@ def _one_event(chunk: bytes) -> bool:
 
 def _sse_data(raw: bytes) -> bytes:
     """An event's data: its data lines joined, per the SSE format."""
-    if raw.startswith(b"data: ") and raw.endswith(b"\n\n") and raw.count(b"\n") == 2:
-        return raw[6:-2]  # the usual event, one data line: what the loop below would return
+    lone = _lone_data(raw)
+    if lone is not None:
+        return lone  # the usual event, one data line: what the loop below would return
     data = []
     for line in raw.replace(b"\r\n", b"\n").split(b"\n"):
         if line.startswith(b"data:"):
