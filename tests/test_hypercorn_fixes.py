@@ -12,7 +12,7 @@ import pytest
 
 from broker import hypercorn_fixes
 from broker.hypercorn_fixes import CONNECTION_WINDOW_EXTRA, STREAM_WINDOW
-from tests.support import Stack
+from tests.support import Stack, free_port
 
 
 def handshake(port: int) -> list[h2.events.Event]:
@@ -106,13 +106,9 @@ async def _serve_briefly(
     from hypercorn.config import Config
 
     config = Config()
-    config.bind = ["127.0.0.1:0"]
     config.keep_alive_timeout = keep_alive
     config.graceful_timeout = graceful
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+    port = free_port()
     config.bind = [f"127.0.0.1:{port}"]
     stop = asyncio.Event()
     server = asyncio.ensure_future(serve(hypercorn_fixes.install(app), config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
