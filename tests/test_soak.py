@@ -11,6 +11,7 @@ its connections, black-hole them, or slow them down.
 """
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -35,6 +36,9 @@ SEED = int(os.environ.get("REMOTELLM_SOAK_SEED", "20240607"))  # set it to explo
 REQUESTS = 2000
 CONCURRENCY = 24
 PACE = 0.016  # seconds between request starts: the load lasts ~32 s, long enough for the faults
+# The last request starts only once every kind of fault has begun (so each meets a load in
+# flight, however long the machine takes to restart a process), within this bound.
+EVERY_KIND_TIMEOUT = 120.0
 REQUEST_DEADLINE = 30.0  # no request may take longer (first byte, idle and retry included)
 RSS_GROWTH_LIMIT_KIB = 50 * 1024
 USER = {"authorization": "Bearer sk-user"}
@@ -204,9 +208,15 @@ def idle(llm: str) -> bool:
 
 
 async def inject_faults(
-    cluster: Cluster, rng: random.Random, done: asyncio.Event, log: list[str], injected: Counter[str]
+    cluster: Cluster,
+    rng: random.Random,
+    done: asyncio.Event,
+    every_kind: asyncio.Event,
+    log: list[str],
+    injected: Counter[str],
 ) -> None:
-    """Faults at random times until the load is over; every kind at least once."""
+    """Faults at random times until the load is over; every kind at least once (``every_kind``
+    is set once each has begun)."""
 
     async def kill_connector() -> str:
         slot = rng.randrange(SLOTS)
@@ -267,8 +277,10 @@ async def inject_faults(
         if done.is_set():
             break
         at = time.monotonic() - started
-        what = await fault()
         injected[fault.__name__] += 1
+        if len(injected) == FAULT_KINDS:
+            every_kind.set()
+        what = await fault()
         log.append(f"{at:5.1f} s  {what}")
         with_gap = asyncio.create_task(done.wait())
         await asyncio.wait([with_gap], timeout=rng.uniform(1.5, 3.0))
@@ -285,8 +297,8 @@ async def run_load(
     limits = httpx.Limits(max_connections=CONCURRENCY + 8, max_keepalive_connections=CONCURRENCY + 8)
     async with httpx.AsyncClient(headers=USER, timeout=REQUEST_DEADLINE * 2, limits=limits) as client:
         slots = asyncio.Semaphore(CONCURRENCY)
-        done = asyncio.Event()
-        faults = asyncio.create_task(inject_faults(cluster, fault_rng, done, log, injected))
+        done, every_kind = asyncio.Event(), asyncio.Event()
+        faults = asyncio.create_task(inject_faults(cluster, fault_rng, done, every_kind, log, injected))
 
         async def run(plan: Plan) -> None:
             try:
@@ -301,6 +313,9 @@ async def run_load(
         started = time.monotonic()
         for i, plan in enumerate(plans):
             await asyncio.sleep(max(0.0, started + i * PACE - time.monotonic()))
+            if i == len(plans) - 1:  # (on a timeout, the count of kinds injected says so below)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(every_kind.wait(), EVERY_KIND_TIMEOUT)
             await slots.acquire()
             tasks.append(asyncio.create_task(run(plan)))
         await asyncio.gather(*tasks)
