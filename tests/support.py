@@ -29,6 +29,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def tunnel_polls(metrics: str, connector: str) -> int:
+    """The polls a connector's tunnel has opened, from the broker's /metrics text."""
+    found = re.search(rf'remotellm_tunnel_polls_total\{{connector="{re.escape(connector)}"\}} (\d+)', metrics)
+    assert found, f"no poll count for {connector!r} in /metrics"
+    return int(found[1])
+
+
 def rss_kib(pid: int) -> int:
     """A process's resident memory, in KiB."""
     with open(f"/proc/{pid}/status") as status:

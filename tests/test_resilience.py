@@ -5,7 +5,6 @@ Each test starts its own processes, so it can kill them.
 
 import asyncio
 import json
-import re
 import signal
 import socket
 import time
@@ -14,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.support import Stack, free_port, llm_received, wait_until
+from tests.support import Stack, free_port, llm_received, tunnel_polls, wait_until
 
 USER = {"authorization": "Bearer sk-user"}
 CONFIG = """
@@ -274,8 +273,7 @@ def test_3000_sequential_requests_over_one_tunnel(stack: Stack) -> None:
     url, _ = start(stack, "m", env={"REMOTELLM_POLL_LIFETIME": "0.005"})
 
     def polls() -> int:
-        metrics = httpx.get(url + "/metrics").text
-        return int(re.search(r'remotellm_tunnel_polls_total\{connector="solo"\} (\d+)', metrics)[1])  # type: ignore[index]
+        return tunnel_polls(httpx.get(url + "/metrics").text, "solo")
 
     sent = 0
     with httpx.Client(base_url=url, headers=USER, timeout=10) as client:
