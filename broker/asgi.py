@@ -8,6 +8,15 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+# A streamed body's chunk written straight to the user's connection, False when it cannot be
+# (then ASGI's send does it): a server extension, hypercorn_fixes.ChunkWriter, on HTTP/1.1.
+CHUNKS_EXTENSION = "remotellm.chunks"
+SendChunk = Callable[[bytes], Awaitable[bool]]
+
+
+def chunk_writer(scope: Scope) -> SendChunk | None:
+    writer: SendChunk | None = scope.get("extensions", {}).get(CHUNKS_EXTENSION)
+    return writer
 
 
 def header(scope: Scope, name: bytes) -> str | None:

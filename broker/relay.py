@@ -16,7 +16,7 @@ import msgspec
 
 from broker.accounting import Accounting, Tokens, reservation_of
 from broker.affinity import Affinity, IdSniffer
-from broker.asgi import ClientGone, Receive, Scope, Send, header
+from broker.asgi import ClientGone, Receive, Scope, Send, SendChunk, chunk_writer, header
 from broker.body import BodyRefused, HeldBody, read_held, too_large, too_many
 from broker.errors import send_error
 from broker.form import MODEL_SCAN_LIMIT, FormModel
@@ -252,7 +252,7 @@ class Relay:
                     if upload is not None:
                         upload.opened(exchange)
                     try:
-                        failure = await _respond(exchange, send, settings, out)
+                        failure = await _respond(exchange, send, chunk_writer(scope), settings, out)
                     finally:
                         hub.finish(exchange, cancel=not out.ended, on_end=_late_end(out))
                     if failure is None:
@@ -402,7 +402,9 @@ class _BeforeHead(NamedTuple):
     event: ReplyEvent | None
 
 
-async def _respond(exchange: Exchange, send: Send, settings: Settings, out: _Outcome) -> _BeforeHead | None:
+async def _respond(
+    exchange: Exchange, send: Send, send_chunk: SendChunk | None, settings: Settings, out: _Outcome
+) -> _BeforeHead | None:
     """Relay one attempt; None once a response went out, whole or cut."""
     out.ended = False
     wait = settings.first_byte_timeout
@@ -431,7 +433,7 @@ async def _respond(exchange: Exchange, send: Send, settings: Settings, out: _Out
     stall = _Stall(deadline, settings.idle_timeout)
     try:
         async with deadline:
-            await _relay_body(exchange, send, out, stall)
+            await _relay_body(exchange, send, send_chunk, out, stall)
     except TimeoutError:
         out.result = "user_stalled" if stall.sending else "timeout"
     finally:
@@ -439,7 +441,9 @@ async def _respond(exchange: Exchange, send: Send, settings: Settings, out: _Out
     return None
 
 
-async def _relay_body(exchange: Exchange, send: Send, out: _Outcome, stall: "_Stall") -> None:
+async def _relay_body(
+    exchange: Exchange, send: Send, send_chunk: SendChunk | None, out: _Outcome, stall: "_Stall"
+) -> None:
     """The reply's body, chunk by chunk, until its End (or until it fails)."""
     queue = exchange.events
     pending: ReplyEvent | None = None
@@ -465,7 +469,8 @@ async def _relay_body(exchange: Exchange, send: Send, out: _Outcome, stall: "_St
                 out.tokens = Tokens(last.prompt_tokens, last.completion_tokens, last.usage)
             # A user who stops reading for the idle timeout loses the stream (and its slot).
             stall.writing()
-            await send({"type": "http.response.body", "body": data, "more_body": last is None})
+            if last is not None or send_chunk is None or not await send_chunk(data):
+                await send({"type": "http.response.body", "body": data, "more_body": last is None})
             stall.sent()
             exchange.consumed(len(data))  # the connector may send as many more
             if last is not None:

@@ -11,6 +11,7 @@ import h2.settings
 import pytest
 
 from broker import hypercorn_fixes
+from broker.asgi import chunk_writer
 from broker.hypercorn_fixes import CONNECTION_WINDOW_EXTRA, STREAM_WINDOW
 from tests.support import Stack, free_port
 
@@ -190,3 +191,102 @@ def test_idle_connections_close_at_once_when_the_server_terminates() -> None:
         return took
 
     assert asyncio.run(main()) < 30  # far below the graceful timeout that would end it otherwise
+
+
+def _chunked_app(record: list[object]) -> Callable[..., Awaitable[None]]:
+    """Streams a reply: head by ASGI, chunks by the chunk writer (``record`` gets what it
+    answered), the end by ASGI; ``/sized`` declares a length, so no chunk can be chunked."""
+
+    async def app(scope: dict[str, object], receive: object, send: _Send) -> None:
+        if scope["type"] != "http":
+            return
+        write = chunk_writer(scope)
+        assert write is not None, "no chunk writer on an HTTP/1.1 stream"
+        record.append(await write(b"early"))  # before the head
+        sized = scope["path"] == "/sized"
+        headers = [(b"content-length", b"5")] if sized else []
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        for data in (b"hello", b"x" * 300):
+            taken = await write(data)
+            record.append(taken)
+            if not taken:
+                await send({"type": "http.response.body", "body": data[:5], "more_body": True})
+                break
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    return app
+
+
+def test_chunks_go_straight_to_the_connection_framed_as_h11_frames_them() -> None:
+    """A streamed HTTP/1.1 body's chunks written by the chunk writer arrive framed exactly as
+    h11 frames them, between a head and an end that went through ASGI, and the connection
+    stays usable for the next request; before the head the writer declines."""
+    record: list[object] = []
+    replies: list[bytes] = []
+
+    async def scenario(port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(2):  # the second request proves h11's state survived the first
+            writer.write(_GET)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower()
+            replies.append(await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 10))
+        writer.close()
+
+    asyncio.run(_serve_briefly(_chunked_app(record), keep_alive=30, graceful=30, scenario=scenario))
+    assert replies == [b"5\r\nhello\r\n12c\r\n" + b"x" * 300 + b"\r\n0\r\n\r\n"] * 2
+    assert record == [False, True, True] * 2
+
+
+def test_the_chunk_writer_declines_a_body_that_is_not_chunked() -> None:
+    """A reply with a length (or a HEAD's) is no chunked body: the writer writes nothing and
+    says so, and ASGI sends the body as before."""
+    record: list[object] = []
+    replies: list[bytes] = []
+
+    async def scenario(port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /sized HTTP/1.1\r\nhost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        replies.append(head.split(b"\r\n")[0] + await asyncio.wait_for(reader.readexactly(5), 10))
+        writer.write(b"HEAD / HTTP/1.1\r\nhost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        replies.append(head.split(b"\r\n")[0])
+        writer.close()
+
+    asyncio.run(_serve_briefly(_chunked_app(record), keep_alive=30, graceful=30, scenario=scenario))
+    assert replies == [b"HTTP/1.1 200 hello", b"HTTP/1.1 200 "]
+    assert record == [False, False] * 2
+
+
+def test_the_chunk_writer_declines_once_the_user_has_gone() -> None:
+    """A user who hangs up mid-stream: the writer raises nothing, and soon declines (the
+    stream is closed), so a relay writing to it ends."""
+    outcome: list[object] = []
+    gone = asyncio.Event()
+
+    async def app(scope: dict[str, object], receive: object, send: _Send) -> None:
+        write = chunk_writer(scope)
+        assert write is not None
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await asyncio.wait_for(gone.wait(), 10)
+        for sent in range(100_000):  # bounded; each pass yields to the loop, which sees the hang-up
+            await asyncio.sleep(0.001)
+            if not await write(b"tick"):
+                outcome.append(sent)
+                return
+        outcome.append("never declined")
+
+    async def scenario(port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(_GET)
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        writer.transport.abort()
+        gone.set()
+        for _ in range(10_000):  # bounded: until the app has seen it
+            if outcome:
+                break
+            await asyncio.sleep(0.001)
+
+    asyncio.run(_serve_briefly(app, keep_alive=30, graceful=30, scenario=scenario))
+    assert len(outcome) == 1 and isinstance(outcome[0], int), outcome
