@@ -12,6 +12,7 @@ server must accept it (RFC 9112 6.1).
 """
 
 import asyncio
+import re
 import ssl
 import time
 from collections import deque
@@ -65,6 +66,18 @@ class Dechunker:
     def take(self) -> bytes:
         """The body's data fed so far and not taken yet (b"" if none)."""
         buf, out = self._buf, []
+        while self._state is _SIZE:  # whole chunks, as LLM servers write them: one match each
+            whole = _WHOLE_CHUNK.match(buf)
+            if whole is None:
+                break
+            start = whole.end()
+            end = start + int(whole[1], 16)
+            # The last chunk (trailers follow) goes the long way below; so does one cut short
+            # or longer than its size (an error, raised there).
+            if end == start or buf[end : end + 2] != b"\r\n":
+                break
+            out.append(bytes(buf[start:end]))
+            del buf[: end + 2]
         while self._state is not _DONE:
             if self._state is _DATA:
                 if not buf:
@@ -101,6 +114,10 @@ class Dechunker:
                 raise h11.RemoteProtocolError("invalid chunk size")
             self._left = int(size_text, 16)
             self._state = _DATA if self._left else _TRAILERS
+
+
+# A chunk's size line (no extension) and its data: the common case, parsed in one step.
+_WHOLE_CHUNK = re.compile(rb"([0-9a-fA-F]{1,16})\r\n")
 
 
 class _Part(Enum):

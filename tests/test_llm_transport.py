@@ -122,6 +122,9 @@ def test_bytes_past_the_end_are_left_over() -> None:
     assert body.take() == b"" and body.done and body.leftover
 
 
+_SIZE_LINES = [b"%x", b"%X", b"%08x", b"%x;name=value", b"%x ; x"]
+
+
 @pytest.mark.parametrize(
     ("raw", "error"),
     [
@@ -138,10 +141,11 @@ def test_bad_framing_raises(raw: bytes, error: str) -> None:
         dechunk(raw)
 
 
-@given(st.lists(st.binary(min_size=1, max_size=40), max_size=8), st.data())
-def test_any_split_of_any_chunking_gives_the_body(chunks: list[bytes], data: st.DataObject) -> None:
-    raw = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
+@given(st.lists(st.tuples(st.binary(min_size=1, max_size=40), st.sampled_from(_SIZE_LINES)), max_size=8), st.data())
+def test_any_split_of_any_chunking_gives_the_body(chunks: list[tuple[bytes, bytes]], data: st.DataObject) -> None:
+    """Whole chunks take a short way, the rest a long one: each with any size line, cut anywhere."""
+    raw = b"".join(line % len(c) + b"\r\n" + c + b"\r\n" for c, line in chunks) + b"0\r\n\r\n"
     cuts = sorted(data.draw(st.lists(st.integers(0, len(raw)), max_size=10)))
     pieces = [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)], strict=True)]
     out, body = dechunk(*pieces)
-    assert out == b"".join(chunks) and body.done and not body.leftover
+    assert out == b"".join(c for c, _ in chunks) and body.done and not body.leftover
