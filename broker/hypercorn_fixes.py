@@ -38,12 +38,18 @@ serving entry points (``python -m broker``, ``broker.app``), never by building t
   a second, and cancels both when the next request comes: a tenth of the broker in a burst
   of short streams (py-spy). A timer handle does the same job; the idle connections still
   close at once when the server terminates.
+- **Closed connections freed at once.** A connection's parts in hypercorn refer to one
+  another (bound methods handed around), so each closed connection waited for a full
+  collection, which in a burst scans every live stream: 16-31 ms pauses in the first
+  quarter second of a burst of 256 new users, and 3.4 MiB more heap per burst until then.
+  Once a connection's server is done, its attributes are dropped and it is freed.
 - **No request limit per connection.** hypercorn sends GOAWAY after 1000 requests on a
   connection by default (a setting of its Config only): ``python -m broker`` lifts it.
 """
 
 import asyncio
 import contextlib
+import weakref
 from collections.abc import Callable
 from importlib.metadata import version
 from typing import Any
@@ -91,6 +97,7 @@ def install(app: ASGIApp) -> ASGIApp:
         _cork_writes()
         _frame_chunks()
         _time_idle_connections()
+        _free_closed_connections()
         H2Protocol._remotellm_patched = True  # type: ignore[attr-defined]
     return DrainBody(app)
 
@@ -235,13 +242,15 @@ class ChunkWriter:
 
     def __init__(self, protocol: H11Protocol, stream: HTTPStream, in_chunked_body: Callable[[Any], bool]) -> None:
         self._protocol = protocol
-        self._stream = stream
+        self._stream = weakref.ref(stream)  # (its scope holds this writer: no cycle to collect)
         self._in_chunked_body = in_chunked_body
 
     async def __call__(self, data: bytes) -> bool:
         """Write a non-empty chunk; False (nothing written) when the stream is not in a chunked body."""
-        stream, protocol = self._stream, self._protocol
-        if stream.closed or not self._in_chunked_body(protocol.connection):  # (h11 knows: head sent, not ended)
+        stream, protocol = self._stream(), self._protocol
+        if stream is None or stream.closed:
+            return False
+        if not self._in_chunked_body(protocol.connection):  # (h11 knows: a head sent, the body not ended)
             return False
         server: TCPServer = protocol.send.__self__  # type: ignore[attr-defined]
         writer = server.writer
@@ -258,6 +267,20 @@ def _time_idle_connections() -> None:
         server.idle_task = IdleTimer(server)  # type: ignore[assignment]
 
     _after_init(TCPServer, extend)
+
+
+def _free_closed_connections() -> None:
+    original_run = TCPServer.run
+
+    async def run(self: TCPServer) -> None:
+        try:
+            await original_run(self)
+        finally:
+            # Its parts refer to one another (hypercorn hands bound methods around), so a
+            # closed connection waited for a full collection; done with, nothing uses them.
+            self.__dict__.clear()
+
+    TCPServer.run = run  # type: ignore[method-assign]
 
 
 class IdleTimer:
