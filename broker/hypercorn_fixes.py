@@ -253,12 +253,13 @@ class ChunkWriter:
         if not self._in_chunked_body(protocol.connection):  # (h11 knows: a head sent, the body not ended)
             return False
         server: TCPServer = protocol.send.__self__  # type: ignore[attr-defined]
-        writer = server.writer
+        writer: CorkedWriter = server.writer  # type: ignore[assignment]
         writer.write(_chunk(data))
-        try:
-            await writer.drain()
-        except (ConnectionError, RuntimeError):  # what hypercorn's own send does on a lost connection
-            await protocol.handle(Closed())
+        if writer.may_wait():
+            try:
+                await writer.drain()
+            except (ConnectionError, RuntimeError):  # what hypercorn's own send does on a lost connection
+                await protocol.handle(Closed())
         return True
 
 
@@ -360,6 +361,14 @@ class CorkedWriter:
             self._loop.call_soon(self.flush)
         self._parts.append(data)
         self._size += len(data)
+
+    def may_wait(self) -> bool:
+        """Whether ``drain`` has anything to do: send a full cork, wait for a paused transport
+        (or one past its low-water mark, about to pause), or report a closing one."""
+        transport = self._writer.transport
+        if self._size >= CORK_LIMIT or transport.is_closing():
+            return True
+        return bool(transport.get_write_buffer_size() > transport.get_write_buffer_limits()[0])
 
     async def drain(self) -> None:
         if self._size >= CORK_LIMIT:
