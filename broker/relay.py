@@ -433,7 +433,9 @@ async def _respond(
     stall = _Stall(deadline, settings.idle_timeout)
     try:
         async with deadline:
-            await _relay_body(exchange, send, send_chunk, out, stall)
+            # In a task of its own: each chunk wakes it alone, not the nine coroutines of
+            # the ASGI stack above (cancelling this one cancels it).
+            await asyncio.ensure_future(_relay_body(exchange, send, send_chunk, out, stall))
     except TimeoutError:
         out.result = "user_stalled" if stall.sending else "timeout"
     finally:
