@@ -69,6 +69,11 @@ from hypercorn.protocol.http_stream import HTTPStream
 
 from broker.asgi import CHUNKS_EXTENSION, ASGIApp, Message, Receive, Scope, Send
 
+try:
+    from h11._writers import ChunkedWriter as _ChunkedWriter  # h11's own, to know a chunked body
+except ImportError:  # an h11 laid out otherwise: every chunk goes through h11 (_frame_chunks)
+    _ChunkedWriter = None  # type: ignore[assignment,misc]
+
 # Tested hypercorn releases (setup.cfg: hypercorn>=0.17,<0.19).
 TESTED_VERSIONS = ("0.17.", "0.18.")
 STREAM_WINDOW = 4 * 1024 * 1024
@@ -196,18 +201,13 @@ def _cork_writes() -> None:
 
 
 def _frame_chunks() -> None:
-    try:
-        from h11._writers import ChunkedWriter  # h11's own, to know a chunked body when it sees one
-    except ImportError:  # an h11 laid out otherwise: every chunk goes through h11, as before
+    if _ChunkedWriter is None:
         return
     original_send = H11Protocol.stream_send
     original_create = H11Protocol._create_stream
 
-    def in_chunked_body(connection: Any) -> bool:  # (an h11.Connection)
-        return connection.our_state is h11.SEND_BODY and type(getattr(connection, "_writer", None)) is ChunkedWriter
-
     async def stream_send(self: H11Protocol, event: Any) -> None:
-        if type(event) is Body and event.data and in_chunked_body(self.connection):
+        if type(event) is Body and event.data and _in_chunked_body(self.connection):
             await self.send(RawData(data=_chunk(event.data)))
             return
         await original_send(self, event)
@@ -217,10 +217,15 @@ def _frame_chunks() -> None:
         stream = self.stream
         if type(stream) is HTTPStream and hasattr(stream, "scope"):  # (no scope: refused, no app)
             extensions: dict[str, Any] = stream.scope["extensions"]
-            extensions[CHUNKS_EXTENSION] = ChunkWriter(self, stream, in_chunked_body)
+            extensions[CHUNKS_EXTENSION] = ChunkWriter(self, stream)
 
     H11Protocol.stream_send = stream_send  # type: ignore[method-assign]
     H11Protocol._create_stream = _create_stream  # type: ignore[method-assign]
+
+
+def _in_chunked_body(connection: Any) -> bool:  # (an h11.Connection)
+    """Whether h11 has sent a response head with chunked framing and not yet its end."""
+    return connection.our_state is h11.SEND_BODY and type(getattr(connection, "_writer", None)) is _ChunkedWriter
 
 
 def _chunk(data: bytes) -> bytes:
@@ -238,22 +243,19 @@ class ChunkWriter:
     the end and everything else keep to ASGI.
     """
 
-    __slots__ = ("_in_chunked_body", "_protocol", "_stream")
+    __slots__ = ("_protocol", "_stream", "_writer")
 
-    def __init__(self, protocol: H11Protocol, stream: HTTPStream, in_chunked_body: Callable[[Any], bool]) -> None:
+    def __init__(self, protocol: H11Protocol, stream: HTTPStream) -> None:
         self._protocol = protocol
         self._stream = weakref.ref(stream)  # (its scope holds this writer: no cycle to collect)
-        self._in_chunked_body = in_chunked_body
+        server: TCPServer = protocol.send.__self__  # type: ignore[attr-defined]
+        self._writer: CorkedWriter = server.writer  # type: ignore[assignment]
 
     async def __call__(self, data: bytes) -> bool:
         """Write a non-empty chunk; False (nothing written) when the stream is not in a chunked body."""
-        stream, protocol = self._stream(), self._protocol
-        if stream is None or stream.closed:
+        stream, protocol, writer = self._stream(), self._protocol, self._writer
+        if stream is None or stream.closed or not _in_chunked_body(protocol.connection):
             return False
-        if not self._in_chunked_body(protocol.connection):  # (h11 knows: a head sent, the body not ended)
-            return False
-        server: TCPServer = protocol.send.__self__  # type: ignore[attr-defined]
-        writer: CorkedWriter = server.writer  # type: ignore[assignment]
         writer.write(_chunk(data))
         if writer.may_wait():
             try:
