@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from enum import Enum
+from typing import cast
 
 import h11
 import httpx
@@ -30,7 +31,7 @@ CONNECT_TIMEOUT = 10.0
 # holds a connection the server is about to close, nor a server worker longer than it would.
 MAX_IDLE = 256
 IDLE_EXPIRY = 4.0
-READ_SIZE = 65536
+READ_SIZE = 64 << 10  # bytes of one read at most, and unread bytes past which reading pauses
 # A chunked body's size lines and trailers, at most (h11's own bound for a head).
 MAX_CHUNK_LINE = 16 * 1024
 
@@ -133,13 +134,111 @@ class _Part(Enum):
 _SIZE, _DATA, _DATA_END, _TRAILERS, _DONE = _Part
 
 
-class _Connection:
-    __slots__ = ("h11", "origin", "reader", "reused", "upload", "writer")
+class _Stream(asyncio.Protocol):
+    """A connection to the LLM as the transport uses it: what it needs of a StreamReader and
+    a StreamWriter, for a fraction of their cost per read (an answer has thousands). A read
+    takes what has arrived, as it arrived (no copy into a buffer and out again), up to
+    READ_SIZE; reading pauses past READ_SIZE unread, and ``drain`` waits while the socket's
+    buffer is full."""
 
-    def __init__(self, origin: Origin, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    __slots__ = ("_closed", "_data", "_eof", "_error", "_loop", "_paused", "_reader", "_size", "_transport", "_writer")
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport  # (connection_made sets it, before any other call)
+        self._data: list[bytes] = []  # arrived, not read yet
+        self._size = 0
+        self._eof = False
+        self._error: Exception | None = None  # the connection broke
+        self._closed = False
+        self._paused = False  # reading, past READ_LIMIT unread
+        self._reader: asyncio.Future[None] | None = None  # a read waiting for data
+        self._writer: asyncio.Future[None] | None = None  # a drain waiting for room (None: room)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # (uvloop's is none by isinstance)
+
+    def data_received(self, data: bytes) -> None:
+        self._data.append(data)
+        self._size += len(data)
+        if self._size > READ_SIZE and not self._paused:
+            self._paused = True
+            self._transport.pause_reading()
+        self._wake_reader()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake_reader()
+        return False  # (the transport closes: h11 learns the answer ended with the connection)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = self._closed = True
+        self._error = exc
+        self._wake_reader()
+        writer, self._writer = self._writer, None
+        if writer is not None and not writer.done():
+            writer.set_result(None)  # (drain then raises)
+
+    def pause_writing(self) -> None:
+        if self._writer is None:
+            self._writer = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None and not writer.done():
+            writer.set_result(None)
+
+    async def read(self) -> bytes:
+        """What has arrived and was not read yet (READ_SIZE at most), waiting for some; b"" at
+        the end. Raises the error that broke the connection once all before it was read."""
+        while not self._data:
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                return b""
+            self._reader = self._loop.create_future()
+            try:
+                await self._reader
+            finally:
+                self._reader = None
+        data = self._data[0] if len(self._data) == 1 else b"".join(self._data)
+        self._data.clear()
+        self._size = 0
+        if len(data) > READ_SIZE:  # (a socket read can bring several times as much)
+            self._data.append(data[READ_SIZE:])
+            self._size = len(data) - READ_SIZE
+            data = data[:READ_SIZE]
+        if self._paused and self._size <= READ_SIZE:
+            self._paused = False
+            self._transport.resume_reading()
+        return data
+
+    def write(self, data: bytes) -> None:
+        if not self._closed:
+            self._transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait while the socket's buffer is full; ConnectionResetError once the connection is lost."""
+        if self._writer is not None:
+            await asyncio.shield(self._writer)  # (shared by nobody else, but a cancel must not break it)
+        if self._closed:
+            raise ConnectionResetError("the LLM connection is lost")
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def _wake_reader(self) -> None:
+        reader = self._reader
+        if reader is not None and not reader.done():
+            reader.set_result(None)
+
+
+class _Connection:
+    __slots__ = ("h11", "origin", "reused", "stream", "upload")
+
+    def __init__(self, origin: Origin, stream: _Stream) -> None:
         self.origin = origin
-        self.reader = reader
-        self.writer = writer
+        self.stream = stream
         self.h11 = h11.Connection(h11.CLIENT)
         self.reused = False
         self.upload: asyncio.Task[None] | None = None  # a streamed body still being written
@@ -149,7 +248,7 @@ class _Connection:
             event = self.h11.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            self.h11.receive_data(await self.reader.read(READ_SIZE))
+            self.h11.receive_data(await self.stream.read())
 
     def chunked_body_ended(self, keep_alive: bool, leftover: bool) -> None:
         """A chunked body was read to its end (by _Body, not h11): a connection that stays
@@ -160,7 +259,7 @@ class _Connection:
     def close(self) -> None:
         if self.upload is not None:
             self.upload.cancel()
-        self.writer.close()
+        self.stream.close()
 
     async def write_body(self, body: AsyncIterable[bytes]) -> None:
         """Write a streamed body as the LLM's socket takes it: ``drain`` waits while the
@@ -168,10 +267,10 @@ class _Connection:
         the broker credit for more)."""
         try:
             async for data in body:
-                self.writer.write(self.h11.send(h11.Data(data=data)) or b"")
-                await self.writer.drain()
-            self.writer.write(self.h11.send(h11.EndOfMessage()) or b"")
-            await self.writer.drain()
+                self.stream.write(self.h11.send(h11.Data(data=data)) or b"")
+                await self.stream.drain()
+            self.stream.write(self.h11.send(h11.EndOfMessage()) or b"")
+            await self.stream.drain()
         except (OSError, h11.LocalProtocolError):
             # The LLM answered early (or the socket broke, which the response side sees
             # too): stop writing, and let what it answered be read.
@@ -264,9 +363,9 @@ class LLMTransport:
             conn = await self._connection(origin, fresh=streamed)
             try:
                 if isinstance(data, bytes):
-                    conn.writer.write(_serialize(conn.h11, head, data))
+                    conn.stream.write(_serialize(conn.h11, head, data))
                 else:
-                    conn.writer.write(conn.h11.send(head) or b"")
+                    conn.stream.write(conn.h11.send(head) or b"")
                     conn.upload = asyncio.create_task(conn.write_body(data))
                 response = await conn.next_event()
                 break
@@ -298,12 +397,14 @@ class LLMTransport:
         scheme, host, port = origin
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                reader, writer = await asyncio.open_connection(host, port, ssl=self._ssl if scheme == "https" else None)
+                tls = self._ssl if scheme == "https" else None
+                transport, stream = await asyncio.get_running_loop().create_connection(_Stream, host, port, ssl=tls)
+                stream.connection_made(transport)  # (uvloop calls it only in a later step: writes come first)
         except TimeoutError as exc:
             raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out") from exc
         except OSError as exc:
             raise httpx.ConnectError(str(exc)) from exc
-        return _Connection(origin, reader, writer)
+        return _Connection(origin, stream)
 
     def _release(self, conn: _Connection) -> None:
         """Back to the pool if the exchange ended cleanly and both sides keep the connection."""
@@ -369,7 +470,7 @@ class _Body(httpx.AsyncByteStream):
                     yield data
                 if body.done:
                     break
-                more = await conn.reader.read(READ_SIZE)
+                more = await conn.stream.read()
                 if not more:
                     raise h11.RemoteProtocolError("peer closed connection without sending complete message body")
                 body.feed(more)

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from connector.llm_transport import MAX_CHUNK_LINE, Dechunker, LLMTransport, Origin
+from connector.llm_transport import MAX_CHUNK_LINE, READ_SIZE, Dechunker, LLMTransport, Origin
 from fakellm.server import serve
 
 BODY = msgspec.json.encode({"model": "m1", "messages": [], "stream": True, "fake": {"chunks": 3}})
@@ -82,6 +82,34 @@ def test_idle_connections_expire_and_are_not_reused() -> None:
         finally:
             await transport.aclose()
             await llm.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_large_body_is_read_whole_a_bounded_piece_at_a_time(stream: bool) -> None:
+    """A 1 MB answer, with a length or chunked: every byte arrives, in pieces of READ_SIZE at
+    most (a socket read can bring more: held back, reading paused, not handed on at once)."""
+
+    async def main() -> None:
+        _server, llm = await serve("127.0.0.1", 0, models=["m1"])
+        transport = LLMTransport()
+        origin: Origin = ("http", "127.0.0.1", int(llm.url.rsplit(":", 1)[1]))
+        knobs = {"model": "m1", "messages": [], "stream": stream, "fake": {"bytes": 1_000_000}}
+        try:
+            response = await transport.send(
+                origin, "POST", b"/v1/chat/completions", HEADERS, msgspec.json.encode(knobs)
+            )
+            pieces = [piece async for piece in response.stream]  # type: ignore[union-attr]
+            await response.aclose()
+        finally:
+            await transport.aclose()
+            await llm.close()
+        body = b"".join(pieces)
+        assert len(body) > 1_000_000 and max(map(len, pieces)) <= READ_SIZE
+        assert (
+            body.endswith(b"data: [DONE]\n\n") if stream else msgspec.json.decode(body)["object"] == "chat.completion"
+        )
 
     asyncio.run(main())
 
