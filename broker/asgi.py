@@ -1,17 +1,26 @@
 """Plain ASGI plumbing shared by the endpoints (no BaseHTTPMiddleware on the hot path)."""
 
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, Protocol
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-# A streamed body's chunk written straight to the user's connection, False when it cannot be
-# (then ASGI's send does it): a server extension, hypercorn_fixes.ChunkWriter, on HTTP/1.1.
+# A server extension on HTTP/1.1 streams: hypercorn_fixes.ChunkWriter.
 CHUNKS_EXTENSION = "remotellm.chunks"
-SendChunk = Callable[[bytes], Awaitable[bool]]
+
+
+class SendChunk(Protocol):
+    """Writes a streamed body's chunk straight to the user's connection. Each returns False,
+    having written nothing, when it cannot (then ASGI's send does it)."""
+
+    async def __call__(self, data: bytes) -> bool:
+        """Write, then wait while the user is slow to take it."""
+
+    def write_nowait(self, data: bytes) -> bool:
+        """Write only if no wait can follow (False also when the user is slow: call the other)."""
 
 
 def chunk_writer(scope: Scope) -> SendChunk | None:

@@ -253,16 +253,29 @@ class ChunkWriter:
 
     async def __call__(self, data: bytes) -> bool:
         """Write a non-empty chunk; False (nothing written) when the stream is not in a chunked body."""
-        stream, protocol, writer = self._stream(), self._protocol, self._writer
-        if stream is None or stream.closed or not _in_chunked_body(protocol.connection):
+        if not self._writable():
             return False
-        writer.write(_chunk(data))
+        writer = self._writer
+        writer.write_now(_chunk(data))
         if writer.may_wait():
             try:
                 await writer.drain()
             except (ConnectionError, RuntimeError):  # what hypercorn's own send does on a lost connection
-                await protocol.handle(Closed())
+                await self._protocol.handle(Closed())
         return True
+
+    def write_nowait(self, data: bytes) -> bool:
+        """Write a non-empty chunk if the connection takes what it is sent (nothing to drain);
+        False (nothing written) otherwise, or when the stream is not in a chunked body. A
+        write past the low-water mark makes the next chunk take the draining way."""
+        if not self._writable() or self._writer.may_wait():
+            return False
+        self._writer.write_now(_chunk(data))
+        return True
+
+    def _writable(self) -> bool:
+        stream = self._stream()
+        return stream is not None and not stream.closed and _in_chunked_body(self._protocol.connection)
 
 
 def _time_idle_connections() -> None:
@@ -364,6 +377,14 @@ class CorkedWriter:
         self._parts.append(data)
         self._size += len(data)
 
+    def write_now(self, data: bytes) -> None:
+        """Write at once, past the cork: a relayed chunk has nothing to wait for. Unless
+        writes of this step are gathered already; then it goes after them, in order."""
+        if self._parts:
+            self.write(data)
+        else:
+            self._send(data)
+
     def may_wait(self) -> bool:
         """Whether ``drain`` has anything to do: send a full cork, wait for a paused transport
         (or one past its low-water mark, about to pause), or report a closing one."""
@@ -384,8 +405,14 @@ class CorkedWriter:
         data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
         self._parts.clear()
         self._size = 0
-        with contextlib.suppress(ConnectionError, RuntimeError):  # (uvloop raises on a closed transport)
+        self._send(data)
+
+    def _send(self, data: bytes) -> None:
+        # (try, not contextlib.suppress: this runs for every chunk, and costs a fifth as much)
+        try:  # noqa: SIM105
             self._writer.write(data)
+        except (ConnectionError, RuntimeError):  # (uvloop raises on a closed transport)
+            pass
 
     def write_eof(self) -> None:
         self.flush()

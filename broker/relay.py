@@ -35,7 +35,7 @@ from broker.routes import (
     responses_object_id,
 )
 from broker.settings import Settings
-from broker.tunnel import Exchange, Interrupt, ReplyEvent, Session
+from broker.tunnel import Events, Exchange, Interrupt, ReplyEvent, Session
 from broker.upload import Upload
 from broker.users import User
 from wire import UPLOAD_CREDIT, Chunk, End, Head, connector_of
@@ -448,6 +448,35 @@ async def _relay_body(
 ) -> None:
     """The reply's body, chunk by chunk, until its End (or until it fails)."""
     queue = exchange.events
+    if send_chunk is not None:
+        queue.deliver_to(_writer_of_chunks(exchange, send_chunk, out, stall))
+    try:
+        await _relay_events(queue, exchange, send, send_chunk, out, stall)
+    finally:
+        queue.deliver_to(None)
+
+
+def _writer_of_chunks(
+    exchange: Exchange, send_chunk: SendChunk, out: _Outcome, stall: "_Stall"
+) -> Callable[[Chunk], bool]:
+    """What relays a chunk that comes while the relay waits, without waking it: the usual
+    chunk, which the user's connection takes at once. False leaves it to the relay."""
+
+    def write(chunk: Chunk) -> bool:
+        data = chunk.data
+        if (out.sniffer is not None and not out.sniffer.done) or not send_chunk.write_nowait(data):
+            return False
+        stall.sent()
+        out.bytes += len(data)
+        exchange.consumed(len(data))  # the connector may send as many more
+        return True
+
+    return write
+
+
+async def _relay_events(
+    queue: Events, exchange: Exchange, send: Send, send_chunk: SendChunk | None, out: _Outcome, stall: "_Stall"
+) -> None:
     pending: ReplyEvent | None = None
     while True:
         event, pending = pending or await queue.get(), None

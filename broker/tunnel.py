@@ -58,18 +58,30 @@ class Events:
     streamed reply has thousands): no task accounting, no putters, one waiter at most.
     """
 
-    __slots__ = ("_items", "_loop", "_waiter")
+    __slots__ = ("_items", "_loop", "_sink", "_waiter")
 
     def __init__(self) -> None:
         self._items: deque[ReplyEvent] = deque()
         self._loop = asyncio.get_running_loop()
         self._waiter: asyncio.Future[None] | None = None
+        self._sink: Callable[[Chunk], bool] | None = None
+
+    def deliver_to(self, sink: Callable[[Chunk], bool] | None) -> None:
+        """While set, a Chunk that comes while the task waits goes to ``sink`` at once, unless
+        it returns False; then it is queued as usual. Waking the task costs more than most
+        chunks' whole relay."""
+        self._sink = sink
 
     def put_nowait(self, event: ReplyEvent) -> None:
-        self._items.append(event)
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is None or waiter.done():  # the task is busy (or not waiting yet): in order
+            self._items.append(event)
+            return
+        sink = self._sink  # (a waiting task means an empty queue: nothing to overtake)
+        if sink is not None and type(event) is Chunk and sink(event):
+            return
+        self._items.append(event)
+        waiter.set_result(None)
 
     def empty(self) -> bool:
         return not self._items

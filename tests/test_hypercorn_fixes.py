@@ -221,7 +221,8 @@ def _chunked_app(record: list[object]) -> Callable[..., Awaitable[None]]:
 def test_chunks_go_straight_to_the_connection_framed_as_h11_frames_them() -> None:
     """A streamed HTTP/1.1 body's chunks written by the chunk writer arrive framed exactly as
     h11 frames them, between a head and an end that went through ASGI, and the connection
-    stays usable for the next request; before the head the writer declines."""
+    stays usable for the next request; before the head the writer declines. The first chunk
+    is written in the step that sent the head, while the head waits in the cork: it goes after."""
     record: list[object] = []
     replies: list[bytes] = []
 
