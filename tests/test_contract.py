@@ -122,6 +122,26 @@ def test_stream_arrives_chunk_by_chunk(cluster: Cluster) -> None:
     assert arrivals[-1] - arrivals[0] > 0.4
 
 
+def test_the_request_log_counts_every_byte_of_a_paced_stream(cluster: Cluster) -> None:
+    """Chunks 20 ms apart reach the user one by one, most without waking the relay (written
+    as they come): each still counts in the request's log line and in the metrics."""
+    body = {"model": "alpha-model", "stream": True, "messages": [], "fake": {"chunks": 12, "delay_ms": 20}}
+    metric = 'remotellm_relayed_bytes_total{direction="response"}'
+
+    def relayed() -> float:
+        lines = httpx.get(cluster.broker.url + "/metrics").text.splitlines()
+        return sum(float(line.split()[-1]) for line in lines if line.startswith(metric))  # (0 before any)
+
+    before = relayed()
+    with httpx.stream("POST", cluster.broker.url + "/v1/chat/completions", json=body, headers=USER_HEADERS) as resp:
+        request_id, data = resp.headers["x-request-id"], resp.read()
+    assert data.count(b"data: ") == 14 and data.endswith(b"data: [DONE]\n\n")
+    wait_until(lambda: f"id={request_id} " in cluster.stack.logs(), timeout=10, what="the request's log line")
+    line = next(line for line in cluster.stack.logs().splitlines() if f"id={request_id} " in line)
+    assert f" bytes={len(data)} " in line
+    assert relayed() - before == len(data)
+
+
 def test_stream_response_headers_disable_buffering(cluster: Cluster) -> None:
     body = {"model": "alpha-model", "stream": True, "messages": []}
     headers = {"authorization": f"Bearer {USER_KEY}"}
