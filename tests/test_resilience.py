@@ -166,6 +166,20 @@ def test_a_user_who_stops_reading_loses_the_stream_after_the_idle_timeout(stack:
     wait_until(lambda: fake_state(llm)["cancelled"] == 1, timeout=10, what="the LLM call to be cancelled")
 
 
+def test_a_stream_longer_than_the_idle_timeout_is_not_cut_while_chunks_flow(stack: Stack) -> None:
+    """The idle timeout counts from the last chunk written: 60 chunks 50 ms apart outlast a
+    2 s idle timeout, and arrive whole (each written chunk, however it is written, counts)."""
+    broker = stack.broker(CONFIG, env={"REMOTELLM_IDLE_TIMEOUT": "2"})
+    llm = stack.llm("m")
+    stack.connector(broker.url, "tok-solo", llm, "m")
+    broker.wait_models("m")
+    url = broker.url + "/v1/chat/completions"
+    with httpx.stream("POST", url, json=body(stream=True, chunks=60, delay_ms=50), headers=USER, timeout=30) as resp:
+        data = resp.read()
+    assert data.count(b"data: ") == 62 and data.endswith(b"data: [DONE]\n\n")
+    assert "result=timeout" not in broker.proc.log()
+
+
 def test_capacity_exceeded_is_429_with_retry_after(stack: Stack) -> None:
     broker = stack.broker(CONFIG)
     llm = stack.llm("tight-model")
