@@ -151,7 +151,7 @@ class _Stream(asyncio.Protocol):
         self._eof = False
         self._error: Exception | None = None  # the connection broke
         self._closed = False
-        self._paused = False  # reading, past READ_LIMIT unread
+        self._paused = False  # reading, past READ_SIZE unread
         self._reader: asyncio.Future[None] | None = None  # a read waiting for data
         self._writer: asyncio.Future[None] | None = None  # a drain waiting for room (None: room)
 
@@ -164,29 +164,26 @@ class _Stream(asyncio.Protocol):
         if self._size > READ_SIZE and not self._paused:
             self._paused = True
             self._transport.pause_reading()
-        self._wake_reader()
+        _resolve(self._reader)
 
     def eof_received(self) -> bool:
         self._eof = True
-        self._wake_reader()
+        _resolve(self._reader)
         return False  # (the transport closes: h11 learns the answer ended with the connection)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = self._closed = True
         self._error = exc
-        self._wake_reader()
-        writer, self._writer = self._writer, None
-        if writer is not None and not writer.done():
-            writer.set_result(None)  # (drain then raises)
+        _resolve(self._reader)
+        self.resume_writing()  # (drain then raises)
 
     def pause_writing(self) -> None:
         if self._writer is None:
             self._writer = self._loop.create_future()
 
     def resume_writing(self) -> None:
-        writer, self._writer = self._writer, None
-        if writer is not None and not writer.done():
-            writer.set_result(None)
+        _resolve(self._writer)
+        self._writer = None
 
     async def read(self) -> bytes:
         """What has arrived and was not read yet (READ_SIZE at most), waiting for some; b"" at
@@ -227,10 +224,11 @@ class _Stream(asyncio.Protocol):
     def close(self) -> None:
         self._transport.close()
 
-    def _wake_reader(self) -> None:
-        reader = self._reader
-        if reader is not None and not reader.done():
-            reader.set_result(None)
+
+def _resolve(waiter: "asyncio.Future[None] | None") -> None:
+    """Wake what waits on ``waiter``, if anything still does."""
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
 
 
 class _Connection:
@@ -398,8 +396,7 @@ class LLMTransport:
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 tls = self._ssl if scheme == "https" else None
-                transport, stream = await asyncio.get_running_loop().create_connection(_Stream, host, port, ssl=tls)
-                stream.connection_made(transport)  # (uvloop calls it only in a later step: writes come first)
+                _, stream = await asyncio.get_running_loop().create_connection(_Stream, host, port, ssl=tls)
         except TimeoutError as exc:
             raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out") from exc
         except OSError as exc:

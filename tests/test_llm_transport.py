@@ -97,11 +97,12 @@ def test_a_large_body_is_read_whole_a_bounded_piece_at_a_time(stream: bool) -> N
         origin: Origin = ("http", "127.0.0.1", int(llm.url.rsplit(":", 1)[1]))
         knobs = {"model": "m1", "messages": [], "stream": stream, "fake": {"bytes": 1_000_000}}
         try:
-            response = await transport.send(
-                origin, "POST", b"/v1/chat/completions", HEADERS, msgspec.json.encode(knobs)
-            )
-            pieces = [piece async for piece in response.stream]  # type: ignore[union-attr]
-            await response.aclose()
+            async with asyncio.timeout(30):  # (reading that never resumes would hang here)
+                response = await transport.send(
+                    origin, "POST", b"/v1/chat/completions", HEADERS, msgspec.json.encode(knobs)
+                )
+                pieces = [piece async for piece in response.stream]  # type: ignore[union-attr]
+                await response.aclose()
         finally:
             await transport.aclose()
             await llm.close()
