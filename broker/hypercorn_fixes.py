@@ -229,8 +229,9 @@ def _in_chunked_body(connection: Any) -> bool:  # (an h11.Connection)
 
 
 def _chunk(data: bytes) -> bytes:
-    """One chunk of a chunked body (RFC 9112 7.1)."""
-    return b"%x\r\n%b\r\n" % (len(data), data)
+    """One chunk of a chunked body (RFC 9112 7.1); nothing for no data: a chunk of size 0
+    would end the body, and the user's client would read what follows as a new response."""
+    return b"%x\r\n%b\r\n" % (len(data), data) if data else b""
 
 
 class ChunkWriter:
@@ -252,7 +253,7 @@ class ChunkWriter:
         self._writer: CorkedWriter = server.writer  # type: ignore[assignment]
 
     async def __call__(self, data: bytes) -> bool:
-        """Write a non-empty chunk; False (nothing written) when the stream is not in a chunked body."""
+        """Write a chunk; False (nothing written) when the stream is not in a chunked body."""
         if not self._writable():
             return False
         writer = self._writer
@@ -265,7 +266,7 @@ class ChunkWriter:
         return True
 
     def write_nowait(self, data: bytes) -> bool:
-        """Write a non-empty chunk if the connection takes what it is sent (nothing to drain);
+        """Write a chunk if the connection takes what it is sent (nothing to drain);
         False (nothing written) otherwise, or when the stream is not in a chunked body. A
         write past the low-water mark makes the next chunk take the draining way."""
         if not self._writable() or self._writer.may_wait():

@@ -35,7 +35,7 @@ from broker.routes import (
     responses_object_id,
 )
 from broker.settings import Settings
-from broker.tunnel import Events, Exchange, Interrupt, ReplyEvent, Session
+from broker.tunnel import Exchange, Interrupt, ReplyEvent, Session, Sink
 from broker.upload import Upload
 from broker.users import User
 from wire import UPLOAD_CREDIT, Chunk, End, Head, connector_of
@@ -447,18 +447,15 @@ async def _relay_body(
     exchange: Exchange, send: Send, send_chunk: SendChunk | None, out: _Outcome, stall: "_Stall"
 ) -> None:
     """The reply's body, chunk by chunk, until its End (or until it fails)."""
-    queue = exchange.events
     if send_chunk is not None:
-        queue.deliver_to(_writer_of_chunks(exchange, send_chunk, out, stall))
+        exchange.events.deliver_to(_writer_of_chunks(exchange, send_chunk, out, stall))
     try:
-        await _relay_events(queue, exchange, send, send_chunk, out, stall)
+        await _relay_events(exchange, send, send_chunk, out, stall)
     finally:
-        queue.deliver_to(None)
+        exchange.events.deliver_to(None)
 
 
-def _writer_of_chunks(
-    exchange: Exchange, send_chunk: SendChunk, out: _Outcome, stall: "_Stall"
-) -> Callable[[Chunk], bool]:
+def _writer_of_chunks(exchange: Exchange, send_chunk: SendChunk, out: _Outcome, stall: "_Stall") -> Sink:
     """What relays a chunk that comes while the relay waits, without waking it: the usual
     chunk, which the user's connection takes at once. False leaves it to the relay."""
 
@@ -466,17 +463,23 @@ def _writer_of_chunks(
         data = chunk.data
         if (out.sniffer is not None and not out.sniffer.done) or not send_chunk.write_nowait(data):
             return False
-        stall.sent()
-        out.bytes += len(data)
-        exchange.consumed(len(data))  # the connector may send as many more
+        _taken(exchange, out, stall, len(data))
         return True
 
     return write
 
 
+def _taken(exchange: Exchange, out: _Outcome, stall: "_Stall", size: int) -> None:
+    """The user took ``size`` more bytes of the reply, however they were written."""
+    stall.sent()
+    out.bytes += size
+    exchange.consumed(size)  # the connector may send as many more
+
+
 async def _relay_events(
-    queue: Events, exchange: Exchange, send: Send, send_chunk: SendChunk | None, out: _Outcome, stall: "_Stall"
+    exchange: Exchange, send: Send, send_chunk: SendChunk | None, out: _Outcome, stall: "_Stall"
 ) -> None:
+    queue = exchange.events
     pending: ReplyEvent | None = None
     while True:
         event, pending = pending or await queue.get(), None
@@ -490,7 +493,6 @@ async def _relay_events(
                     break
                 parts.append(ready.data)
             data = parts[0] if len(parts) == 1 else b"".join(parts)
-            out.bytes += len(data)
             if out.sniffer is not None and not out.sniffer.done:
                 await out.sniffer.feed(data)
             # The End is here already (a whole reply in one uplink write): this write ends it.
@@ -502,8 +504,7 @@ async def _relay_events(
             stall.writing()
             if last is not None or send_chunk is None or not await send_chunk(data):
                 await send({"type": "http.response.body", "body": data, "more_body": last is None})
-            stall.sent()
-            exchange.consumed(len(data))  # the connector may send as many more
+            _taken(exchange, out, stall, len(data))
             if last is not None:
                 return
         elif isinstance(event, End) and event.error is None:

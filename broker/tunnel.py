@@ -49,6 +49,7 @@ class Interrupt:
 
 
 ReplyEvent = Head | Chunk | End | Interrupt
+Sink = Callable[[Chunk], bool]  # takes a chunk at once, or declines it (False)
 
 
 class Events:
@@ -64,9 +65,9 @@ class Events:
         self._items: deque[ReplyEvent] = deque()
         self._loop = asyncio.get_running_loop()
         self._waiter: asyncio.Future[None] | None = None
-        self._sink: Callable[[Chunk], bool] | None = None
+        self._sink: Sink | None = None
 
-    def deliver_to(self, sink: Callable[[Chunk], bool] | None) -> None:
+    def deliver_to(self, sink: Sink | None) -> None:
         """While set, a Chunk that comes while the task waits goes to ``sink`` at once, unless
         it returns False; then it is queued as usual. Waking the task costs more than most
         chunks' whole relay."""
@@ -78,10 +79,20 @@ class Events:
             self._items.append(event)
             return
         sink = self._sink  # (a waiting task means an empty queue: nothing to overtake)
-        if sink is not None and type(event) is Chunk and sink(event):
+        if sink is not None and type(event) is Chunk and self._sunk(sink, event):
             return
         self._items.append(event)
         waiter.set_result(None)
+
+    @staticmethod
+    def _sunk(sink: Sink, chunk: Chunk) -> bool:
+        # The sink runs in the uplink's dispatch: a bug in it must fail its own request (the
+        # relay gets the chunk), not the other frames of the same uplink read.
+        try:
+            return sink(chunk)
+        except Exception:
+            log.exception("request %d: a chunk's sink failed", chunk.id)
+            return False
 
     def empty(self) -> bool:
         return not self._items

@@ -1,5 +1,4 @@
-"""broker.tunnel.Events in-process: a reply's events in order, and the chunks handed straight
-to the relay's sink while it waits, so that no event overtakes another."""
+"""broker.tunnel.Events in process: a reply's events in order, chunks to the relay's sink while it waits."""
 
 import asyncio
 
@@ -37,7 +36,7 @@ def test_a_chunk_the_sink_declines_wakes_the_relay_and_what_follows_queues_behin
     asyncio.run(main())
 
 
-def test_without_a_sink_every_event_is_queued_in_order() -> None:
+def test_while_the_relay_is_busy_every_event_is_queued_in_order_sink_or_not() -> None:
     async def main() -> None:
         events = Events()
         relay = asyncio.ensure_future(events.get())
@@ -48,5 +47,23 @@ def test_without_a_sink_every_event_is_queued_in_order() -> None:
         events.deliver_to(lambda chunk: True)  # the relay is busy: nothing may overtake b"b"
         events.put_nowait(Chunk(1, b"c"))
         assert [events.get_nowait(), events.get_nowait()] == [Chunk(1, b"b"), Chunk(1, b"c")]
+
+    asyncio.run(main())
+
+
+def test_a_sink_that_fails_leaves_the_chunk_to_the_relay() -> None:
+    """The sink runs in the uplink's dispatch: a bug in it must not lose the chunk, nor
+    reach the other frames of the same read."""
+
+    def broken(chunk: Chunk) -> bool:
+        raise ValueError("a bug")
+
+    async def main() -> None:
+        events = Events()
+        events.deliver_to(broken)
+        relay = asyncio.ensure_future(events.get())
+        await asyncio.sleep(0)
+        events.put_nowait(Chunk(1, b"a"))
+        assert await asyncio.wait_for(relay, 5) == Chunk(1, b"a")
 
     asyncio.run(main())
