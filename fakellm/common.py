@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -28,7 +29,7 @@ class Knobs(msgspec.Struct, forbid_unknown_fields=True):
     """Per-request behaviour; unknown fields are rejected so typos fail loudly."""
 
     chunks: int = 5  # content chunks in a stream / words in a JSON reply
-    delay_ms: float | None = None  # pause between stream chunks (default 0; demo 30)
+    delay_ms: float | None = None  # stream chunks this far apart, by the clock (default 0; demo 30)
     head_delay_ms: float = 0.0  # pause before the response head
     hang: bool = False  # never answer; wait until the client goes away
     die_after: int | None = None  # abort the TCP connection after N stream chunks
@@ -176,18 +177,33 @@ class Exchange:
         knobs = self.knobs
         delay = (knobs.delay_ms if knobs.delay_ms is not None else 30.0 * self.llm.demo) / 1000
         self.activate()
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         try:
             self.conn.start_stream(ctype)
             for i, chunk in enumerate(chunks):
                 if i == knobs.die_after:
                     return self.conn.abort()
-                if i and delay and await self.conn.idle(delay):
-                    raise ConnectionResetError  # hung up while we paused
+                if i and delay:
+                    now = loop.time()
+                    due = next_due(due, now, delay)
+                    if await self.conn.idle(max(0.0, due - now)):
+                        raise ConnectionResetError  # hung up while we paused
                 await self.conn.send_chunk(chunk)
             await self.conn.end_stream()
         except ConnectionError:
             self.llm.cancelled += 1
             self.conn.abort()
+
+
+def next_due(due: float, now: float, delay: float) -> float:
+    """When the chunk after the one due at ``due`` is due: ``delay`` later, by the clock, as a
+    model decodes at its own pace whatever the time its server takes to send. (Pausing
+    ``delay`` after each send instead would slow the stream by the sender's own lag, which
+    grows with the load on the machine.) A stream held back more than a chunk (a reader
+    that does not read) goes on from now rather than in a burst."""
+    due += delay
+    return due if due >= now - delay else now
 
 
 Handler = Callable[[Exchange], Awaitable[None]]

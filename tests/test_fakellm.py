@@ -22,6 +22,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fakellm.common import next_due
 from fakellm.multipart import Multipart
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -560,3 +561,14 @@ def test_multipart_parse_is_split_independent(cuts: list[int]) -> None:
             ("end", "", None, b""),
         ]
     )
+
+
+def test_paced_chunks_keep_to_the_clock() -> None:
+    """Chunks are due ``delay`` apart from the stream's start: a sender running late by less
+    than a chunk does not push the rest back; one held back longer goes on from now."""
+    due = 0.0
+    for now in (0.003, 0.0205, 0.047, 0.061):  # each send a little late, never a chunk
+        due = next_due(due, now, 0.02)
+    assert due == pytest.approx(0.08)  # the fourth chunk after the first: 4 x 20 ms
+    assert next_due(0.08, 0.5, 0.02) == 0.5  # held back 420 ms: no burst of 21 chunks
+    assert next_due(0.08, 0.09, 0.02) == pytest.approx(0.1)
