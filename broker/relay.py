@@ -16,7 +16,7 @@ import msgspec
 
 from broker.accounting import Accounting, Tokens, reservation_of
 from broker.affinity import Affinity, IdSniffer
-from broker.asgi import ClientGone, Receive, Scope, Send, SendChunk, chunk_writer, header
+from broker.asgi import ClientGone, Message, Receive, Scope, Send, SendChunk, chunk_writer, header
 from broker.body import BodyRefused, HeldBody, read_held, too_large, too_many
 from broker.errors import send_error
 from broker.form import MODEL_SCAN_LIMIT, FormModel
@@ -427,15 +427,14 @@ async def _respond(
     headers += [*_NO_BUFFERING, (b"x-remotellm-overhead-ms", overhead), (b"x-request-id", out.request_id.encode())]
     if out.lease is not None:
         headers += out.lease.headers
-    await send({"type": "http.response.start", "status": event.status, "headers": headers})
-    out.head_sent = True
+    start: Message = {"type": "http.response.start", "status": event.status, "headers": headers}
     deadline = asyncio.timeout(None)
     stall = _Stall(deadline, settings.idle_timeout)
     try:
         async with deadline:
             # In a task of its own: each chunk wakes it alone, not the nine coroutines of
             # the ASGI stack above (cancelling this one cancels it).
-            await asyncio.ensure_future(_relay_body(exchange, send, send_chunk, out, stall))
+            await asyncio.ensure_future(_relay_body(exchange, send, send_chunk, start, out, stall))
     except TimeoutError:
         out.result = "user_stalled" if stall.sending else "timeout"
     finally:
@@ -444,9 +443,15 @@ async def _respond(
 
 
 async def _relay_body(
-    exchange: Exchange, send: Send, send_chunk: SendChunk | None, out: _Outcome, stall: "_Stall"
+    exchange: Exchange, send: Send, send_chunk: SendChunk | None, start: Message, out: _Outcome, stall: "_Stall"
 ) -> None:
-    """The reply's body, chunk by chunk, until its End (or until it fails)."""
+    """The reply's head, then its body chunk by chunk, until its End (or until it fails).
+
+    The head is sent from here, in the step that relays what came with it: the user's
+    connection gathers a step's writes into one, so a head and the chunks (or the whole
+    body and its end) that came in the same uplink read leave in one write, not two."""
+    await send(start)
+    out.head_sent = True
     if send_chunk is not None:
         exchange.events.deliver_to(_writer_of_chunks(exchange, send_chunk, out, stall))
     try:

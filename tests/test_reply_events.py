@@ -1,9 +1,13 @@
-"""broker.tunnel.Events in process: a reply's events in order, chunks to the relay's sink while it waits."""
+"""A reply relayed in process: its events in order, chunks to the relay's sink while it waits, one write per turn."""
 
 import asyncio
 
-from broker.tunnel import Events
-from wire import Chunk, End
+from broker.asgi import Message
+from broker.relay import _Outcome, _respond
+from broker.settings import Settings
+from broker.tunnel import Events, Exchange
+from tests.test_pacing import Turns
+from wire import Chunk, End, Head
 
 
 def test_chunks_that_come_while_the_relay_waits_go_to_the_sink_and_wake_nobody() -> None:
@@ -67,3 +71,35 @@ def test_a_sink_that_fails_leaves_the_chunk_to_the_relay() -> None:
         assert await asyncio.wait_for(relay, 5) == Chunk(1, b"a")
 
     asyncio.run(main())
+
+
+class _Session:
+    """What an Exchange asks of its session while a reply is relayed: the credit it returns."""
+
+    def consumed(self, request_id: int, size: int) -> None:
+        pass
+
+
+def test_a_head_leaves_in_the_turn_that_relays_what_came_with_it() -> None:
+    """The user's connection gathers one loop turn's writes into one: a whole reply that
+    came in one uplink read (its head, body and End) is sent in a single turn, so it leaves
+    in one write rather than a head alone and then the rest."""
+
+    async def main() -> list[tuple[str, int]]:
+        exchange, turns, sent = Exchange(_Session(), 1), Turns(), []  # type: ignore[arg-type]
+        for event in (Head(1, 200, [("content-type", "application/json")]), Chunk(1, b"{}"), End(1)):
+            exchange.events.put_nowait(event)
+
+        async def send(message: Message) -> None:
+            sent.append((message["type"], turns.now))
+
+        out = _Outcome("r1", "openai")
+        async with asyncio.timeout(10):
+            assert await _respond(exchange, send, None, Settings(), out) is None
+        turns.stop()
+        assert out.head_sent and out.ended and out.bytes == 2
+        return sent
+
+    sent = asyncio.run(main())
+    assert [kind for kind, _ in sent] == ["http.response.start", "http.response.body"]
+    assert len({turn for _, turn in sent}) == 1, sent
