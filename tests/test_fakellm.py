@@ -1,5 +1,6 @@
 """The fake LLM that stands in for a real one in the end-to-end tests, benchmarks and demo."""
 
+import asyncio
 import base64
 import hashlib
 import itertools
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fakellm.common import next_due
+from fakellm.common import Exchange, Knobs, next_due
 from fakellm.multipart import Multipart
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -570,5 +572,50 @@ def test_paced_chunks_keep_to_the_clock() -> None:
     for now in (0.003, 0.0205, 0.047, 0.061):  # each send a little late, never a chunk
         due = next_due(due, now, 0.02)
     assert due == pytest.approx(0.08)  # the fourth chunk after the first: 4 x 20 ms
-    assert next_due(0.08, 0.5, 0.02) == 0.5  # held back 420 ms: no burst of 21 chunks
     assert next_due(0.08, 0.09, 0.02) == pytest.approx(0.1)
+    assert next_due(0.08, 0.11, 0.02) == pytest.approx(0.1)  # already due: sent at once, on the clock
+    assert next_due(0.08, 0.1201, 0.02) == 0.1201  # more than a chunk behind: from now
+    assert next_due(0.08, 0.5, 0.02) == 0.5  # held back 420 ms: no burst of 21 chunks
+
+
+class _ClockedConn:
+    """A stream's connection on a clock that moves only as the stream sends and waits:
+    each send takes ``lags[i]`` seconds."""
+
+    def __init__(self, lags: list[float]) -> None:
+        self.now, self.lags, self.sent = 0.0, lags, list[float]()
+
+    def start_stream(self, ctype: bytes) -> None:
+        pass
+
+    async def send_chunk(self, chunk: bytes) -> None:
+        self.sent.append(round(self.now, 6))
+        self.now += self.lags[len(self.sent) - 1]
+
+    async def idle(self, seconds: float) -> bool:
+        self.now += seconds
+        return False  # the client is still there
+
+    async def end_stream(self) -> None:
+        pass
+
+
+def _paced(lags: list[float]) -> list[float]:
+    """When each of ``len(lags)`` chunks 20 ms apart was sent, by the stream's own clock."""
+
+    async def main() -> list[float]:
+        conn, loop = _ClockedConn(lags), asyncio.get_running_loop()
+        loop.time = lambda: conn.now  # type: ignore[method-assign]
+        llm = types.SimpleNamespace(demo=False, active_streams=0, peak_streams=0, cancelled=0)
+        exchange = Exchange(llm, conn, None, {})  # type: ignore[arg-type]
+        exchange.knobs = Knobs(delay_ms=20)
+        await exchange.stream(b"text/event-stream", [b"x"] * len(lags))
+        return conn.sent
+
+    return asyncio.run(main())
+
+
+def test_a_paced_stream_keeps_its_pace_whatever_its_sends_cost() -> None:
+    assert _paced([0.005] * 6) == pytest.approx([0, 0.02, 0.04, 0.06, 0.08, 0.1])
+    # A send held up 200 ms (a user who did not read): the next goes at once, then on the pace.
+    assert _paced([0.001, 0.2, 0.001, 0.001]) == pytest.approx([0, 0.02, 0.22, 0.24])
