@@ -103,31 +103,3 @@ def test_a_head_leaves_in_the_turn_that_relays_what_came_with_it() -> None:
     sent = asyncio.run(main())
     assert [kind for kind, _ in sent] == ["http.response.start", "http.response.body"]
     assert len({turn for _, turn in sent}) == 1, sent
-
-
-def test_a_head_that_came_alone_leaves_at_once() -> None:
-    """With nothing behind it to share a write with, the head is not held a turn."""
-
-    async def main() -> tuple[int, list[tuple[str, int]]]:
-        exchange, turns, sent = Exchange(_Session(), 1), Turns(), []  # type: ignore[arg-type]
-        exchange.events.put_nowait(Head(1, 200, [("content-type", "text/event-stream")]))
-
-        async def send(message: Message) -> None:
-            sent.append((message["type"], turns.now))
-
-        async def rest() -> None:
-            for _ in range(3):
-                await asyncio.sleep(0)
-            exchange.events.put_nowait(Chunk(1, b"data: {}\n\n"))
-            exchange.events.put_nowait(End(1))
-
-        later, begun = asyncio.ensure_future(rest()), turns.now
-        async with asyncio.timeout(10):
-            assert await _respond(exchange, send, None, Settings(), _Outcome("r1", "openai")) is None
-            await later
-        turns.stop()
-        return begun, sent
-
-    begun, sent = asyncio.run(main())
-    assert sent[0] == ("http.response.start", begun), sent
-    assert [kind for kind, _ in sent] == ["http.response.start", "http.response.body"]
