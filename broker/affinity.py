@@ -136,6 +136,10 @@ class IdSniffer:
         self.found: str | None = None
         self.done = False
 
+    def stop(self) -> None:
+        """Search no further: the body is not a created response's."""
+        self.done = True
+
     async def feed(self, data: bytes) -> None:
         if self.done:
             return

@@ -388,6 +388,13 @@ class _Outcome:
         self.late_end: asyncio.Future[End] | None = None  # a cut stream's End, still to come
         self.upload: Upload | None = None  # the rest of a body streamed after routing
 
+    @property
+    def sniffing(self) -> IdSniffer | None:
+        """The sniffer of a Responses create whose body has not shown its id yet (each chunk
+        goes through it, on the relay's own way), else None."""
+        sniffer = self.sniffer
+        return sniffer if sniffer is not None and not sniffer.done else None
+
     async def fail(self, send: Send, status: int, code: str, message: str, headers: Headers = ()) -> None:
         self.status = status
         if self.result == "ok":
@@ -422,7 +429,7 @@ async def _respond(
     out.ttfb = time.perf_counter() - out.started
     out.status = event.status
     if out.sniffer is not None and not 200 <= event.status < 300:
-        out.sniffer.done = True  # an error's id is no response's
+        out.sniffer.stop()  # an error's id is no response's
     overhead = b"%.2f" % max(0.0, out.ttfb * 1000 - event.llm_ms)
     headers += [*_NO_BUFFERING, (b"x-remotellm-overhead-ms", overhead), (b"x-request-id", out.request_id.encode())]
     if out.lease is not None:
@@ -472,7 +479,7 @@ def _writer_of_chunks(exchange: Exchange, send_chunk: SendChunk, out: _Outcome, 
 
     def write(chunk: Chunk) -> bool:
         data = chunk.data
-        if (out.sniffer is not None and not out.sniffer.done) or not send_chunk.write_nowait(data):
+        if out.sniffing is not None or not send_chunk.write_nowait(data):
             return False
         _taken(exchange, out, stall, len(data))
         return True
@@ -504,8 +511,8 @@ async def _relay_events(
                     break
                 parts.append(ready.data)
             data = parts[0] if len(parts) == 1 else b"".join(parts)
-            if out.sniffer is not None and not out.sniffer.done:
-                await out.sniffer.feed(data)
+            if (sniffer := out.sniffing) is not None:
+                await sniffer.feed(data)
             # The End is here already (a whole reply in one uplink write): this write ends it.
             last = pending if isinstance(pending, End) and pending.error is None else None
             if last is not None:
