@@ -6,6 +6,7 @@ children hypercorn forks; every wait here has a bound.
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -18,6 +19,9 @@ from pathlib import Path
 from typing import ClassVar, TypeVar
 
 import httpx
+
+from fakellm.common import spaced
+from fakellm.openai_api import StreamOptions, _events
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -43,6 +47,14 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise AssertionError("no VmRSS")
+
+
+def expected_stream(received: bytes, chunks: int) -> bytes:
+    """What the fake LLM sent, byte for byte (its id and clock read from the first event)."""
+    first = json.loads(received.split(b"\n\n", 1)[0].removeprefix(b"data: "))
+    head = {key: first[key] for key in ("id", "object", "created", "model")}
+    pieces = spaced([f"tok{i}" for i in range(chunks)])
+    return b"".join(_events(True, head, pieces, "stop", 0, StreamOptions()))
 
 
 def wait_until(check: Callable[[], T], timeout: float = 15.0, interval: float = 0.05, what: str = "") -> T:

@@ -6,16 +6,13 @@ sent while the connector is away is delivered when it comes back.
 """
 
 import asyncio
-import json
 from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
 
-from fakellm.common import spaced
-from fakellm.openai_api import StreamOptions, _events
 from tests.faultrelay import FaultRelay
-from tests.support import BrokerHandle, Stack, wait_until
+from tests.support import BrokerHandle, Stack, expected_stream, wait_until
 
 USER = {"authorization": "Bearer sk-user"}
 CONFIG = """
@@ -30,14 +27,6 @@ FAST = {"REMOTELLM_PING_INTERVAL": "0.5"}
 
 def body(chunks: int, delay_ms: float = 0, **fake: object) -> dict[str, object]:
     return {"model": "m", "messages": [], "stream": True, "fake": {"chunks": chunks, "delay_ms": delay_ms, **fake}}
-
-
-def expected_stream(received: bytes, chunks: int) -> bytes:
-    """What the fake LLM sent, byte for byte (its id and clock read from the first event)."""
-    first = json.loads(received.split(b"\n\n", 1)[0].removeprefix(b"data: "))
-    head = {key: first[key] for key in ("id", "object", "created", "model")}
-    pieces = spaced([f"tok{i}" for i in range(chunks)])
-    return b"".join(_events(True, head, pieces, "stop", 0, StreamOptions()))
 
 
 def llm_requests(llm: str) -> int:
