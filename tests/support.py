@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import ClassVar, TypeVar
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from fakellm.common import spaced
 from fakellm.openai_api import StreamOptions, _events
@@ -33,11 +34,24 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def metric(text: str, name: str, default: float | None = None, **labels: str) -> float:
+    """The sum of the samples of ``name`` whose labels include ``labels``, in a /metrics text
+    (parsed by prometheus_client's own parser); ``default`` if there is none, else an assertion."""
+    values = [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    ]
+    if not values:
+        assert default is not None, f"no {name} {labels} in /metrics"
+        return default
+    return sum(values)
+
+
 def tunnel_polls(metrics: str, connector: str) -> int:
     """The polls a connector's tunnel has opened, from the broker's /metrics text."""
-    found = re.search(rf'remotellm_tunnel_polls_total\{{connector="{re.escape(connector)}"\}} (\d+)', metrics)
-    assert found, f"no poll count for {connector!r} in /metrics"
-    return int(found[1])
+    return int(metric(metrics, "remotellm_tunnel_polls_total", connector=connector))
 
 
 def rss_kib(pid: int) -> int:

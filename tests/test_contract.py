@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from tests.support import BrokerHandle, Stack, free_port, wait_until
+from tests.support import BrokerHandle, Stack, free_port, metric, wait_until
 
 USER_KEY = "sk-user"
 HASHED_USER_KEY = "sk-user-hashed"
@@ -126,11 +126,10 @@ def test_the_request_log_counts_every_byte_of_a_paced_stream(cluster: Cluster) -
     """Chunks 20 ms apart reach the user one by one, most without waking the relay (written
     as they come): each still counts in the request's log line and in the metrics."""
     body = {"model": "alpha-model", "stream": True, "messages": [], "fake": {"chunks": 12, "delay_ms": 20}}
-    metric = 'remotellm_relayed_bytes_total{direction="response"}'
 
     def relayed() -> float:
-        lines = httpx.get(cluster.broker.url + "/metrics").text.splitlines()
-        return sum(float(line.split()[-1]) for line in lines if line.startswith(metric))  # (0 before any)
+        text = httpx.get(cluster.broker.url + "/metrics").text
+        return metric(text, "remotellm_relayed_bytes_total", default=0, direction="response")  # (none before any)
 
     before = relayed()
     with httpx.stream("POST", cluster.broker.url + "/v1/chat/completions", json=body, headers=USER_HEADERS) as resp:

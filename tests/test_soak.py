@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import random
-import re
 import signal
 import sys
 import time
@@ -28,7 +27,7 @@ import httpx
 import pytest
 
 from tests.faultrelay import FaultRelay
-from tests.support import BrokerHandle, Proc, Stack, free_port, wait_until
+from tests.support import BrokerHandle, Proc, Stack, free_port, metric, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -198,9 +197,7 @@ def rss_kib(pid: int) -> int:
 
 
 def in_flight(broker: BrokerHandle) -> float:
-    found = re.search(r"^remotellm_requests_in_flight (\S+)$", httpx.get(broker.url + "/metrics").text, re.M)
-    assert found, "no in-flight gauge in /metrics"
-    return float(found.group(1))
+    return metric(httpx.get(broker.url + "/metrics").text, "remotellm_requests_in_flight")
 
 
 def idle(llm: str) -> bool:
