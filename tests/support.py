@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -61,6 +61,12 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise AssertionError("no VmRSS")
+
+
+def fake_state(llm: str) -> dict[str, Any]:
+    """The fake LLM's counters (requests, streams, cancels...) and its last requests."""
+    state: dict[str, Any] = httpx.get(llm + "/_fake/state", timeout=5).json()
+    return state
 
 
 def expected_stream(received: bytes, chunks: int) -> bytes:

@@ -12,7 +12,7 @@ import ollama
 import openai
 import pytest
 
-from tests.support import BrokerHandle, Stack, wait_until
+from tests.support import BrokerHandle, Stack, fake_state, wait_until
 
 USER_KEY = "sk-user-api"
 CONFIG = """
@@ -43,8 +43,7 @@ class Surface:
         self.openai = openai.OpenAI(base_url=self.broker.url + "/v1", api_key=USER_KEY, max_retries=0, timeout=20)
 
     def state(self, llm: str) -> dict[str, object]:
-        result: dict[str, object] = httpx.get(llm + "/_fake/state", timeout=5).json()
-        return result
+        return fake_state(llm)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from connector.slots import SlotCounter
 from fakellm.server import serve
 from tests import fleets
 from tests.fleets import free_slots, two_brokers
-from tests.support import BrokerHandle, Stack, wait_until
+from tests.support import BrokerHandle, Stack, fake_state, wait_until
 from wire import (
     DEFAULT_LIMITS,
     BrokerConnection,
@@ -162,7 +162,7 @@ def test_a_burst_through_one_broker_stays_within_the_cap_and_cancels_leak_no_slo
         assert answer.status_code in (200, 429), answer.text
         if answer.status_code == 429:
             assert answer.json()["error"]["code"] == "capacity_exceeded" and answer.headers["retry-after"]
-    assert httpx.get(llm + "/_fake/state").json()["peak_streams"] <= fleets.CAP
+    assert fake_state(llm)["peak_streams"] <= fleets.CAP
 
     async def cut() -> None:
         body = {"model": "m", "stream": True, "messages": [], "fake": {"chunks": 1000, "delay_ms": 10}}
@@ -175,7 +175,7 @@ def test_a_burst_through_one_broker_stays_within_the_cap_and_cancels_leak_no_slo
 
     asyncio.run(cut())
     wait_until(lambda: free_slots(broker) == [fleets.CAP], what="every slot back")
-    assert httpx.get(llm + "/_fake/state").json()["active_streams"] == 0
+    assert fake_state(llm)["active_streams"] == 0
 
 
 # --- two brokers, one connector (its fleet holds a session with each) ----------------------
@@ -209,7 +209,7 @@ def test_a_burst_through_two_brokers_never_has_more_than_the_cap_at_the_llm(stac
         if answer.status_code == 429:
             assert answer.json()["error"]["code"] == "capacity_exceeded" and answer.headers["retry-after"]
     assert sum(a.status_code == 200 for a in answers) >= fleets.CAP
-    assert httpx.get(llm + "/_fake/state").json()["peak_streams"] <= fleets.CAP  # each broker alone would allow it
+    assert fake_state(llm)["peak_streams"] <= fleets.CAP  # each broker alone would allow it
 
     async def cut(url: str) -> None:
         body = {"model": "m", "stream": True, "messages": [], "fake": {"chunks": 1000, "delay_ms": 10}}
@@ -221,7 +221,7 @@ def test_a_burst_through_two_brokers_never_has_more_than_the_cap_at_the_llm(stac
     for i in range(6):
         asyncio.run(cut(brokers[i % 2].url + "/v1/chat/completions"))
     wait_until(lambda: all_free(brokers), what="every slot back, as both brokers hear")
-    assert httpx.get(llm + "/_fake/state").json()["active_streams"] == 0
+    assert fake_state(llm)["active_streams"] == 0
 
 
 def test_a_broker_counts_a_connector_full_from_its_reports_and_its_refusals() -> None:
@@ -289,7 +289,7 @@ def test_a_busy_refusal_goes_on_to_another_connector_or_ends_in_a_clean_429(stac
     headers = {"authorization": "Bearer sk-user"}
     hold = {"model": "solo", "stream": True, "messages": [], "fake": {"chunks": 1000, "delay_ms": 50}}
     with httpx.stream("POST", a.url + "/v1/chat/completions", json=hold, headers=headers, timeout=30):
-        wait_until(lambda: httpx.get(box_llm + "/_fake/state").json()["active_streams"] == 1, what="box full")
+        wait_until(lambda: fake_state(box_llm)["active_streams"] == 1, what="box full")
         for _ in range(4):  # b picks box or other in turn: box refuses, other answers
             answer = httpx.post(b.url + "/v1/chat/completions", json={"model": "m", "messages": []}, headers=headers)
             assert answer.status_code == 200, answer.text
@@ -298,4 +298,4 @@ def test_a_busy_refusal_goes_on_to_another_connector_or_ends_in_a_clean_429(stac
         assert only_box.status_code == 429 and only_box.headers["retry-after"] == "1"
         assert only_box.json()["error"]["code"] == "capacity_exceeded"
         assert "retrying on box" not in b.proc.log()  # a connector that refused is not asked again
-        assert httpx.get(box_llm + "/_fake/state").json()["peak_streams"] == 1
+        assert fake_state(box_llm)["peak_streams"] == 1

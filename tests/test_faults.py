@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.faultrelay import FaultRelay
-from tests.support import Stack, expected_stream, free_port, llm_received, rss_kib, tunnel_polls, wait_until
+from tests.support import Stack, expected_stream, fake_state, free_port, llm_received, rss_kib, tunnel_polls, wait_until
 from wire import (
     REGISTER_PATH,
     REPLY_PATH,
@@ -45,11 +45,6 @@ connectors:
 
 def body(stream: bool = False, **fake: object) -> dict[str, object]:
     return {"model": "m", "messages": [], "stream": stream, "fake": fake}
-
-
-def fake_state(llm: str) -> dict[str, object]:
-    state: dict[str, object] = httpx.get(llm + "/_fake/state").json()
-    return state
 
 
 def test_a_frozen_connector_is_dropped_and_recovers(stack: Stack) -> None:

@@ -15,7 +15,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from tests.support import Stack, free_port, wait_until
+from tests.support import Stack, fake_state, free_port, wait_until
 from wire import (
     FRAMES_CONTENT_TYPE,
     POLL_PATH,
@@ -126,5 +126,5 @@ def test_reused_ids_and_forged_requests_are_refused_and_the_tunnel_stays_up(
     assert sorted(str(end.error) for end in ends[1]) == ["None", "refused"]  # ran once; its second coming refused
     assert sorted(str(end.error) for end in ends[2]) == ["forbidden", "refused"]
     assert [str(end.error) for end in ends[3]] == ["None"]
-    assert httpx.get(llm + "/_fake/state").json()["requests"] == 2  # requests 1 and 3, once each
+    assert fake_state(llm)["requests"] == 2  # requests 1 and 3, once each
     assert hostile.registrations == 1 and connector.alive  # the tunnel stayed up

@@ -27,7 +27,7 @@ import pytest
 import trustme
 
 from tests.proxies import Proxies, Proxy
-from tests.support import Proc, Stack, free_port, wait_until
+from tests.support import Proc, Stack, fake_state, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -218,11 +218,6 @@ def check_streaming(broker: Broker, chunks: int = 10, delay_ms: int = 150) -> No
     made_over = (chunks - 1) * delay_ms / 1000
     spread = arrivals[-1] - arrivals[0]
     assert spread >= 0.6 * made_over, f"chunks arrived in a burst: {[round(t, 2) for t in arrivals]}"
-
-
-def fake_state(llm: str) -> dict[str, int]:
-    state: dict[str, int] = httpx.get(llm + "/_fake/state", timeout=2).json()
-    return state
 
 
 def check_cancel(broker: Broker, llm: str) -> None:
@@ -470,7 +465,7 @@ def test_buffering_proxy_from_the_very_first_request(
     started = time.monotonic()
     check_routing(broker, timeout=BUFFERED_DEADLINE)
     assert time.monotonic() - started < BUFFERED_DEADLINE
-    assert httpx.get(llm + "/_fake/state").json()["requests"] == 1
+    assert fake_state(llm)["requests"] == 1
 
 
 def test_a_proxy_holding_uploads_switches_replies_to_short_posts(

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.support import Stack, free_port, llm_received, tunnel_polls, wait_until
+from tests.support import Stack, fake_state, free_port, llm_received, tunnel_polls, wait_until
 
 USER = {"authorization": "Bearer sk-user"}
 CONFIG = """
@@ -39,11 +39,6 @@ def start(stack: Stack, *models: str, env: dict[str, str] | None = None, port: i
 
 def body(model: str = "m", stream: bool = False, **fake: object) -> dict[str, object]:
     return {"model": model, "messages": [], "stream": stream, "fake": fake}
-
-
-def fake_state(llm: str) -> dict[str, int]:
-    state: dict[str, int] = httpx.get(llm + "/_fake/state").json()
-    return state
 
 
 def test_user_disconnect_cancels_the_llm_call(stack: Stack) -> None:

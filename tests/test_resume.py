@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.faultrelay import FaultRelay
-from tests.support import BrokerHandle, Stack, expected_stream, wait_until
+from tests.support import BrokerHandle, Stack, expected_stream, fake_state, wait_until
 
 USER = {"authorization": "Bearer sk-user"}
 CONFIG = """
@@ -27,11 +27,6 @@ FAST = {"REMOTELLM_PING_INTERVAL": "0.5"}
 
 def body(chunks: int, delay_ms: float = 0, **fake: object) -> dict[str, object]:
     return {"model": "m", "messages": [], "stream": True, "fake": {"chunks": chunks, "delay_ms": delay_ms, **fake}}
-
-
-def llm_requests(llm: str) -> int:
-    count: int = httpx.get(llm + "/_fake/state").json()["requests"]
-    return count
 
 
 class Path:
@@ -89,7 +84,7 @@ def _black_hole_until_noticed(path: Path) -> Fault:
 def test_a_stream_survives_its_connections_being_reset_byte_for_byte_and_the_llm_saw_it_once(path: Path) -> None:
     received = path.stream_with(_reset, chunks=150, delay_ms=10)
     assert received == expected_stream(received, 150)
-    assert llm_requests(path.llm) == 1
+    assert fake_state(path.llm)["requests"] == 1
     wait_until(lambda: "resuming the session" in path.connector.log(), timeout=5, what="a resume")
     assert path.broker.proc.log().count("registered from") == 1  # the same session throughout
 
@@ -97,7 +92,7 @@ def test_a_stream_survives_its_connections_being_reset_byte_for_byte_and_the_llm
 def test_a_stream_survives_a_black_hole_of_a_few_seconds(path: Path) -> None:
     received = path.stream_with(_black_hole_until_noticed(path), chunks=300, delay_ms=10)
     assert received == expected_stream(received, 300)
-    assert llm_requests(path.llm) == 1
+    assert fake_state(path.llm)["requests"] == 1
     assert "resuming the session" in path.connector.log()  # the black hole was noticed
     assert path.broker.proc.log().count("registered from") == 1
 
@@ -118,7 +113,7 @@ def test_a_request_sent_while_the_connector_is_reconnecting_completes(path: Path
     resp = asyncio.run(during())
     assert resp.status_code == 200
     assert b"tok4" in resp.content
-    assert llm_requests(path.llm) == 1
+    assert fake_state(path.llm)["requests"] == 1
     assert "resuming the session" in path.connector.log()
 
 
@@ -140,7 +135,7 @@ def test_many_resets_during_many_streams_lose_nothing(path: Path) -> None:
 
     for received in asyncio.run(streams()):
         assert received == expected_stream(received, 100)
-    assert llm_requests(path.llm) == 8
+    assert fake_state(path.llm)["requests"] == 8
 
 
 def test_past_the_grace_period_a_stream_is_cut(stack: Stack) -> None:

@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 from tests.faultrelay import FaultRelay
-from tests.support import BrokerHandle, Proc, Stack, free_port, metric, wait_until
+from tests.support import BrokerHandle, Proc, Stack, fake_state, free_port, metric, rss_kib, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -188,20 +188,12 @@ class Cluster:
             self.connectors.append(proc)
 
 
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
 def in_flight(broker: BrokerHandle) -> float:
     return metric(httpx.get(broker.url + "/metrics").text, "remotellm_requests_in_flight")
 
 
 def idle(llm: str) -> bool:
-    return bool(httpx.get(llm + "/_fake/state").json()["active_streams"] == 0)
+    return fake_state(llm)["active_streams"] == 0
 
 
 async def inject_faults(

@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from tests.support import BrokerHandle, Stack, rss_kib, wait_until
+from tests.support import BrokerHandle, Stack, fake_state, rss_kib, wait_until
 
 USER_KEY = "sk-user-upload"
 CONFIG = """
@@ -44,8 +44,7 @@ class Bridge:
         self.openai = openai.OpenAI(base_url=self.broker.url + "/v1", api_key=USER_KEY, max_retries=0, timeout=120)
 
     def state(self) -> dict[str, object]:
-        result: dict[str, object] = httpx.get(self.llm + "/_fake/state", timeout=5).json()
-        return result
+        return fake_state(self.llm)
 
     def last_request(self) -> dict[str, object]:
         requests = self.state()["last_requests"]
